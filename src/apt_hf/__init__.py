@@ -1,0 +1,1 @@
+"""APT for Hugging Face transformers."""

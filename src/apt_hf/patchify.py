@@ -1,0 +1,363 @@
+"""APT patchification: score patches on a quadtree of scales, select sizes, pack tokens.
+
+Pure, batched tensor functions shared by `AptImageProcessor` (CPU) and the models' dense path (any
+device). Conventions (DESIGN §1): scale ``s`` has patch size ``p * 2**s`` on an aligned quadtree of the
+base grid; a base cell is covered by the largest scale whose aligned patch scores below that scale's
+threshold; tokens are ordered by the raster position of their top-left base cell; a token of scale ``s``
+owns ``4**s`` base patches, kept contiguous and in raster order inside the token.
+
+Layout tensors (one row per token unless said otherwise):
+    patch_scales (T,) int64, patch_positions (T, 2) int64 (row, col of the top-left base cell),
+    tokens_per_image (B,) int64, image_grid_hw (B, 2) int64 (base-grid rows, cols of each image).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+SCORERS = ("entropy", "laplacian", "upsample_mse")
+
+# ITU-R 601 luma weights of DESIGN §1, as integers over 10_000 so 8-bit gray levels are exact.
+_GRAY_WEIGHTS_1E4 = (2989, 5870, 1140)
+
+
+@dataclass(frozen=True)
+class PatchLayout:
+    """Where every token of a packed batch sits; see the module docstring for the tensors' meaning."""
+
+    patch_scales: torch.Tensor
+    patch_positions: torch.Tensor
+    tokens_per_image: torch.Tensor
+    image_grid_hw: torch.Tensor
+
+    def to(self, device: torch.device | str) -> PatchLayout:
+        return PatchLayout(*(t.to(device) for t in (self.patch_scales, self.patch_positions,
+                                                     self.tokens_per_image, self.image_grid_hw)))
+
+
+def validate_apt_fields(
+    num_scales: int,
+    thresholds: Sequence[float] | None,
+    scorer: str,
+    entropy_bins: int,
+    patch_size: int | None = None,
+) -> list[float]:
+    """Check the APT fields shared by configs and processors; return the thresholds as floats."""
+    if isinstance(num_scales, bool) or not isinstance(num_scales, int) or num_scales < 1:
+        raise ValueError(f"num_scales: expected an int >= 1, got {num_scales!r}")
+    if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1):
+        raise ValueError(f"patch_size: expected an int >= 1, got {patch_size!r}")
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer: expected one of {SCORERS}, got {scorer!r}")
+    if isinstance(entropy_bins, bool) or not isinstance(entropy_bins, int) or entropy_bins < 2:
+        raise ValueError(f"entropy_bins: expected an int >= 2, got {entropy_bins!r}")
+    thresholds = [] if thresholds is None else list(thresholds)
+    if len(thresholds) != num_scales - 1:
+        raise ValueError(
+            f"thresholds: expected num_scales - 1 = {num_scales - 1} values (one per scale >= 1), "
+            f"got {len(thresholds)}: {thresholds!r}"
+        )
+    out = []
+    for t in thresholds:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"thresholds: expected finite numbers, got {thresholds!r}")
+        out.append(float(t))
+    return out
+
+
+def validate_image_size(height: int, width: int, patch_size: int, setting: str = "size / crop_size") -> None:
+    """Refuse images whose sides the base patch does not tile, saying which setting to change."""
+    if height < patch_size or width < patch_size:
+        raise ValueError(
+            f"image: expected sides of at least patch_size={patch_size} pixels, got {height}x{width}"
+        )
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"image: processed sides must be multiples of patch_size={patch_size}, got {height}x{width}; "
+            f"change {setting} to a multiple of {patch_size}"
+        )
+
+
+def recover_uint8(
+    pixel_values: torch.Tensor,
+    image_mean: Sequence[float] | None,
+    image_std: Sequence[float] | None,
+    rescale_factor: float | None = 1 / 255,
+) -> torch.Tensor:
+    """Undo normalize (and rescale) and round: the exact 8-bit image a normalized tensor came from.
+
+    Exact because one 8-bit step (1/255 after rescale) is ~1e5 times larger than float32 error.
+    """
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError("pixel_values: expected finite values, got NaN or inf")
+    x = pixel_values.float()
+    if image_mean is not None and image_std is not None:
+        shape = (-1, 1, 1)
+        mean = torch.as_tensor(image_mean, dtype=torch.float32, device=x.device).view(shape)
+        std = torch.as_tensor(image_std, dtype=torch.float32, device=x.device).view(shape)
+        x = x * std + mean
+    x = x / rescale_factor if rescale_factor else x
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _gray_1e4(images: torch.Tensor) -> torch.Tensor:
+    """Integer gray level times 10_000 of (B, 3, H, W) 8-bit images (int32: at most 2_549_745)."""
+    x = images.to(torch.int32)
+    w = _GRAY_WEIGHTS_1E4
+    return w[0] * x[:, 0] + w[1] * x[:, 1] + w[2] * x[:, 2]
+
+
+def _gray_levels(images: torch.Tensor, bins: int) -> torch.Tensor:
+    """floor(gray * bins / 256) clipped to bins - 1, in exact integer arithmetic."""
+    g = math.gcd(bins, 256 * 10_000)
+    num, den = bins // g, 256 * 10_000 // g
+    gray = _gray_1e4(images)
+    if num * 2_549_745 >= 2**31:
+        gray = gray.long()
+    return torch.clamp(gray * num // den, max=bins - 1)
+
+
+def _full_grid(cells: int, factor: int) -> int:
+    """Number of aligned patches of `factor` base cells that lie fully inside `cells` base cells."""
+    return cells // factor
+
+
+def entropy_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int], bins: int) -> dict[int, torch.Tensor]:
+    """Shannon entropy (bits) of the gray histogram of every full aligned patch at each requested scale.
+
+    Histograms are counted once at the finest requested scale by bincount, and coarser ones are sums of
+    their four children. Returns {s: (B, rows_s, cols_s) float64}.
+    """
+    if not scales:
+        return {}
+    b, _, h, w = images.shape
+    finest = min(scales)
+    cell = patch_size << finest
+    rows, cols = _full_grid(h // patch_size, 1 << finest), _full_grid(w // patch_size, 1 << finest)
+    if rows == 0 or cols == 0:
+        return {s: images.new_zeros((b, _full_grid(h // patch_size, 1 << s), _full_grid(w // patch_size, 1 << s)),
+                                    dtype=torch.float64) for s in scales}
+    level = _gray_levels(images[:, :, : rows * cell, : cols * cell], bins)
+    # One bincount over (image, patch row, patch col, level); the key is built by broadcasting.
+    key_dtype = torch.int32 if b * rows * cols * bins < 2**31 else torch.int64
+    ar = partial(torch.arange, dtype=key_dtype, device=images.device)
+    key = (level.to(key_dtype)
+           + (ar(b) * (rows * cols * bins)).view(b, 1, 1)
+           + (ar(rows * cell) // cell * (cols * bins)).view(1, -1, 1)
+           + (ar(cols * cell) // cell * bins).view(1, 1, -1))
+    counts = torch.bincount(key.flatten(), minlength=b * rows * cols * bins)
+    counts = counts.view(b, rows, cols, bins)
+    out = {}
+    for s in range(finest, max(scales) + 1):
+        if s > finest:
+            r, c = counts.shape[1] // 2, counts.shape[2] // 2
+            counts = counts[:, : 2 * r, : 2 * c].view(b, r, 2, c, 2, bins).sum(dim=(2, 4))
+        if s in scales:
+            q = counts.to(torch.float64) / float((patch_size << s) ** 2)
+            out[s] = -torch.special.xlogy(q, q).sum(-1) / math.log(2)
+    return out
+
+
+def _pool_full_patches(per_pixel: torch.Tensor, patch_size: int, scale: int) -> torch.Tensor:
+    """Mean of a (B, H, W) map over every full aligned patch of scale `scale`."""
+    side = patch_size << scale
+    rows, cols = per_pixel.shape[1] // side, per_pixel.shape[2] // side
+    cropped = per_pixel[:, : rows * side, : cols * side]
+    return cropped.reshape(-1, rows, side, cols, side).mean(dim=(2, 4))
+
+
+def laplacian_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Mean |8-neighbour Laplacian| of gray in [0, 1] (edges replicated) over every full aligned patch."""
+    gray = _gray_1e4(images).to(torch.float64) / (255 * 10_000)  # exact gray, in [0, 1]
+    kernel = torch.ones(1, 1, 3, 3, dtype=gray.dtype, device=gray.device)
+    kernel[0, 0, 1, 1] = -8
+    lap = F.conv2d(F.pad(gray[:, None], (1, 1, 1, 1), mode="replicate"), kernel)[:, 0].abs()
+    return {s: _pool_full_patches(lap, patch_size, s) for s in scales}
+
+
+def upsample_mse_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Mean squared error (RGB in [0, 1]) between the image and its bilinear down-then-up copy at 2**-s."""
+    x = images.to(torch.float64) / 255
+    h, w = x.shape[-2:]
+    out = {}
+    for s in scales:
+        f = 1 << s
+        if h < f or w < f:
+            out[s] = x.new_zeros((x.shape[0], 0, 0))
+            continue
+        down = F.interpolate(x, size=(h // f, w // f), mode="bilinear", align_corners=False)
+        up = F.interpolate(down, size=(h, w), mode="bilinear", align_corners=False)
+        out[s] = _pool_full_patches((x - up).pow(2).mean(1), patch_size, s)
+    return out
+
+
+def score_patches(
+    images: torch.Tensor, patch_size: int, scales: Sequence[int], scorer: str = "entropy", entropy_bins: int = 512
+) -> dict[int, torch.Tensor]:
+    """Score every full aligned patch of each scale in `scales` (all >= 1) of (B, 3, H, W) 8-bit images."""
+    if scorer == "entropy":
+        return entropy_scores(images, patch_size, scales, entropy_bins)
+    if scorer == "laplacian":
+        return laplacian_scores(images, patch_size, scales)
+    if scorer == "upsample_mse":
+        return upsample_mse_scores(images, patch_size, scales)
+    raise ValueError(f"scorer: expected one of {SCORERS}, got {scorer!r}")
+
+
+def select_cell_scales(
+    scores: dict[int, torch.Tensor], thresholds: Sequence[float], grid_hw: tuple[int, int]
+) -> torch.Tensor:
+    """(B, rows, cols) int64: the largest scale whose aligned patch scores below its threshold, else 0."""
+    rows, cols = grid_hw
+    first = next(iter(scores.values()), None)
+    if first is None:
+        raise ValueError("select_cell_scales needs at least one scored scale")
+    cell_scale = torch.zeros((first.shape[0], rows, cols), dtype=torch.int64, device=first.device)
+    for s in sorted(scores):
+        merge = scores[s] < thresholds[s - 1]
+        f = 1 << s
+        merge = merge.repeat_interleave(f, dim=1).repeat_interleave(f, dim=2)
+        r, c = merge.shape[1:]
+        cell_scale[:, :r, :c].masked_fill_(merge, s)
+    return cell_scale
+
+
+def layout_from_cell_scales(cell_scale: torch.Tensor) -> PatchLayout:
+    """Pack a (B, rows, cols) map of cell scales into tokens in raster order of their top-left cell."""
+    b, rows, cols = cell_scale.shape
+    r = torch.arange(rows, device=cell_scale.device).view(1, rows, 1)
+    c = torch.arange(cols, device=cell_scale.device).view(1, 1, cols)
+    mask = (1 << cell_scale) - 1
+    anchor = ((r & mask) == 0) & ((c & mask) == 0)
+    idx = anchor.nonzero()  # (T, 3), raster-sorted per image
+    grid = torch.tensor([rows, cols], dtype=torch.int64, device=cell_scale.device)
+    return PatchLayout(
+        patch_scales=cell_scale[idx[:, 0], idx[:, 1], idx[:, 2]],
+        patch_positions=idx[:, 1:].contiguous(),
+        tokens_per_image=torch.bincount(idx[:, 0], minlength=b),
+        image_grid_hw=grid.expand(b, 2).contiguous(),
+    )
+
+
+def uniform_layout(batch_size: int, rows: int, cols: int, device: torch.device | str = "cpu") -> PatchLayout:
+    """The stock ViT layout: every token of scale 0, raster order."""
+    return layout_from_cell_scales(torch.zeros((batch_size, rows, cols), dtype=torch.int64, device=device))
+
+
+def compute_layout(
+    images: torch.Tensor,
+    patch_size: int,
+    num_scales: int,
+    thresholds: Sequence[float],
+    scorer: str = "entropy",
+    entropy_bins: int = 512,
+) -> PatchLayout:
+    """APT layout of a batch of same-size (B, 3, H, W) 8-bit images (uint8 or integer-valued)."""
+    thresholds = validate_apt_fields(num_scales, thresholds, scorer, entropy_bins, patch_size)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected (batch, 3, height, width), got shape {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    validate_image_size(h, w, patch_size)
+    rows, cols = h // patch_size, w // patch_size
+    # Scores are >= 0, so a threshold <= 0 can never merge: skip scoring those scales.
+    active = [s for s in range(1, num_scales) if thresholds[s - 1] > 0 and (1 << s) <= min(rows, cols)]
+    if not active:
+        return uniform_layout(images.shape[0], rows, cols, images.device)
+    scores = score_patches(images, patch_size, active, scorer, entropy_bins)
+    return layout_from_cell_scales(select_cell_scales(scores, thresholds, (rows, cols)))
+
+
+def concat_layouts(layouts: Sequence[PatchLayout]) -> PatchLayout:
+    """Stack the layouts of consecutive image groups into one batch layout."""
+    return PatchLayout(*(torch.cat(parts) for parts in zip(*(
+        (lay.patch_scales, lay.patch_positions, lay.tokens_per_image, lay.image_grid_hw) for lay in layouts))))
+
+
+def base_patch_index(layout: PatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every base patch in token order: its flat index in the concatenated image grids, and its token.
+
+    Image i's grid occupies [offset_i, offset_i + rows_i * cols_i) in raster order. A token of scale s
+    expands to its 4**s cells in raster order inside the token.
+    """
+    scales, pos = layout.patch_scales, layout.patch_positions
+    device = scales.device
+    grid_cells = layout.image_grid_hw.prod(-1)
+    offsets = torch.cumsum(grid_cells, 0) - grid_cells
+    image_of_token = torch.repeat_interleave(torch.arange(len(grid_cells), device=device), layout.tokens_per_image)
+    cells_per_token = 1 << (2 * scales)
+    token = torch.repeat_interleave(torch.arange(len(scales), device=device), cells_per_token)
+    first = torch.cumsum(cells_per_token, 0) - cells_per_token
+    k = torch.arange(len(token), device=device) - first[token]
+    s = scales[token]
+    row = pos[token, 0] + (k >> s)
+    col = pos[token, 1] + (k & ((1 << s) - 1))
+    img = image_of_token[token]
+    return offsets[img] + row * layout.image_grid_hw[img, 1] + col, token
+
+
+def pack_base_patches(images: torch.Tensor, layout: PatchLayout, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) same-size images -> (sum of base cells, C, p, p) base patches in token order."""
+    b, ch, h, w = images.shape
+    p = patch_size
+    patches = images.reshape(b, ch, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, ch, p, p)
+    index, _ = base_patch_index(layout)
+    return patches[index]
+
+
+def unpack_base_patches(pixel_values: torch.Tensor, layout: PatchLayout) -> list[torch.Tensor]:
+    """Inverse of `pack_base_patches`: the (C, H, W) image of every entry of the layout."""
+    ch, p = pixel_values.shape[1], pixel_values.shape[-1]
+    index, _ = base_patch_index(layout)
+    cells = torch.empty_like(pixel_values)
+    cells[index] = pixel_values
+    images = []
+    for (rows, cols), chunk in zip(layout.image_grid_hw.tolist(),
+                                   cells.split(layout.image_grid_hw.prod(-1).tolist())):
+        images.append(chunk.view(rows, cols, ch, p, p).permute(2, 0, 3, 1, 4).reshape(ch, rows * p, cols * p))
+    return images
+
+
+def validate_layout(
+    layout: PatchLayout, num_scales: int, num_base_patches: int | None = None
+) -> None:
+    """Refuse packed keys that do not describe a tiling: inconsistent counts, off-grid or bad scales."""
+    scales, pos = layout.patch_scales, layout.patch_positions
+    tpi, grid = layout.tokens_per_image, layout.image_grid_hw
+    t = scales.shape[0]
+    if scales.ndim != 1 or pos.shape != (t, 2):
+        raise ValueError(
+            f"patch_positions: expected shape ({t}, 2) to match patch_scales ({t},), got {tuple(pos.shape)}"
+        )
+    if tpi.ndim != 1 or grid.shape != (tpi.shape[0], 2):
+        raise ValueError(
+            f"image_grid_hw: expected shape ({tpi.shape[0]}, 2) to match tokens_per_image, got {tuple(grid.shape)}"
+        )
+    if int(tpi.sum()) != t:
+        raise ValueError(f"tokens_per_image: expected to sum to the {t} tokens of patch_scales, got {int(tpi.sum())}")
+    if t and (int(scales.min()) < 0 or int(scales.max()) >= num_scales):
+        raise ValueError(
+            f"patch_scales: expected values in [0, {num_scales - 1}] (num_scales={num_scales}), "
+            f"got range [{int(scales.min())}, {int(scales.max())}]"
+        )
+    if t == 0:
+        return
+    img = torch.repeat_interleave(torch.arange(len(tpi), device=tpi.device), tpi)
+    side = 1 << scales
+    if (pos < 0).any() or ((pos + side[:, None]) > grid[img]).any() or ((pos % side[:, None]) != 0).any():
+        raise ValueError("patch_positions: expected every token to lie on its image grid, aligned to its scale")
+    cells = int((side * side).sum())
+    if cells != int(grid.prod(-1).sum()) or base_patch_index(layout)[0].unique().numel() != cells:
+        raise ValueError(
+            f"patch_scales / patch_positions: tokens must tile every image grid exactly once "
+            f"({int(grid.prod(-1).sum())} base cells), but they cover {cells} cells with overlaps or gaps"
+        )
+    if num_base_patches is not None and num_base_patches != cells:
+        raise ValueError(
+            f"pixel_values: expected {cells} base patches (4**scale per token), got {num_base_patches}"
+        )
