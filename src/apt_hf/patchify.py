@@ -89,21 +89,32 @@ def recover_uint8(
     image_mean: Sequence[float] | None,
     image_std: Sequence[float] | None,
     rescale_factor: float | None = 1 / 255,
+    name: str = "pixel_values",
+    check_finite: bool = True,
 ) -> torch.Tensor:
-    """Undo normalize (and rescale) and round: the exact 8-bit image a normalized tensor came from.
+    """Undo normalize and rescale of (..., C, H, W) pixels and round: the exact 8-bit image they came from.
 
     Exact because one 8-bit step (1/255 after rescale) is ~1e5 times larger than float32 error.
     """
-    if not torch.isfinite(pixel_values).all():
-        raise ValueError("pixel_values: expected finite values, got NaN or inf")
+    if check_finite and not torch.isfinite(pixel_values).all():
+        raise ValueError(f"{name}: expected finite values, got NaN or inf")
     x = pixel_values.float()
+    factor = rescale_factor or 1.0
+    channels = x.shape[-3]
     if image_mean is not None and image_std is not None:
-        shape = (-1, 1, 1)
-        mean = torch.as_tensor(image_mean, dtype=torch.float32, device=x.device).view(shape)
-        std = torch.as_tensor(image_std, dtype=torch.float32, device=x.device).view(shape)
-        x = x * std + mean
-    x = x / rescale_factor if rescale_factor else x
+        mean = _per_channel(image_mean, channels, "image_mean", x.device)
+        std = _per_channel(image_std, channels, "image_std", x.device)
+        x = torch.addcmul(mean / factor, x, std / factor)  # (x * std + mean) / factor in one pass
+    elif factor != 1.0:
+        x = x / factor
     return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _per_channel(values: float | Sequence[float], channels: int, name: str, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32, device=device).flatten()
+    if t.numel() not in (1, channels):
+        raise ValueError(f"{name}: expected 1 or {channels} values (one per channel), got {t.numel()}")
+    return t.expand(channels).reshape(channels, 1, 1)
 
 
 def _gray_1e4(images: torch.Tensor) -> torch.Tensor:
@@ -169,16 +180,16 @@ def _pool_full_patches(per_pixel: torch.Tensor, patch_size: int, scale: int) -> 
     side = patch_size << scale
     rows, cols = per_pixel.shape[1] // side, per_pixel.shape[2] // side
     cropped = per_pixel[:, : rows * side, : cols * side]
-    return cropped.reshape(-1, rows, side, cols, side).mean(dim=(2, 4))
+    return cropped.reshape(per_pixel.shape[0], rows, side, cols, side).mean(dim=(2, 4))  # rows/cols may be 0
 
 
 def laplacian_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int]) -> dict[int, torch.Tensor]:
     """Mean |8-neighbour Laplacian| of gray in [0, 1] (edges replicated) over every full aligned patch."""
-    gray = _gray_1e4(images).to(torch.float64) / (255 * 10_000)  # exact gray, in [0, 1]
+    gray = _gray_1e4(images).to(torch.float64)  # 10_000 * gray in 0..255: integers, so the conv is exact
     kernel = torch.ones(1, 1, 3, 3, dtype=gray.dtype, device=gray.device)
     kernel[0, 0, 1, 1] = -8
     lap = F.conv2d(F.pad(gray[:, None], (1, 1, 1, 1), mode="replicate"), kernel)[:, 0].abs()
-    return {s: _pool_full_patches(lap, patch_size, s) for s in scales}
+    return {s: _pool_full_patches(lap, patch_size, s) / (255 * 10_000) for s in scales}  # gray in [0, 1]
 
 
 def upsample_mse_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -275,8 +286,8 @@ def compute_layout(
 
 def concat_layouts(layouts: Sequence[PatchLayout]) -> PatchLayout:
     """Stack the layouts of consecutive image groups into one batch layout."""
-    return PatchLayout(*(torch.cat(parts) for parts in zip(*(
-        (lay.patch_scales, lay.patch_positions, lay.tokens_per_image, lay.image_grid_hw) for lay in layouts))))
+    fields = ("patch_scales", "patch_positions", "tokens_per_image", "image_grid_hw")
+    return PatchLayout(*(torch.cat([getattr(lay, f) for lay in layouts]) for f in fields))
 
 
 def base_patch_index(layout: PatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,9 +316,8 @@ def pack_base_patches(images: torch.Tensor, layout: PatchLayout, patch_size: int
     """(B, C, H, W) same-size images -> (sum of base cells, C, p, p) base patches in token order."""
     b, ch, h, w = images.shape
     p = patch_size
-    patches = images.reshape(b, ch, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, ch, p, p)
-    index, _ = base_patch_index(layout)
-    return patches[index]
+    cells = images.reshape(b, ch, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, ch * p * p)
+    return cells.index_select(0, base_patch_index(layout)[0]).view(-1, ch, p, p)
 
 
 def unpack_base_patches(pixel_values: torch.Tensor, layout: PatchLayout) -> list[torch.Tensor]:
@@ -318,7 +328,7 @@ def unpack_base_patches(pixel_values: torch.Tensor, layout: PatchLayout) -> list
     cells[index] = pixel_values
     images = []
     for (rows, cols), chunk in zip(layout.image_grid_hw.tolist(),
-                                   cells.split(layout.image_grid_hw.prod(-1).tolist())):
+                                   cells.split(layout.image_grid_hw.prod(-1).tolist()), strict=True):
         images.append(chunk.view(rows, cols, ch, p, p).permute(2, 0, 3, 1, 4).reshape(ch, rows * p, cols * p))
     return images
 

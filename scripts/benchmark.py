@@ -1,0 +1,15 @@
+"""Benchmarks: stock vs APT in one run, ratios beside the ideal (FLOP-ratio) speedup.
+
+    python scripts/benchmark.py processor [--help]
+    python scripts/benchmark.py vision [--help]
+"""
+
+import importlib
+import sys
+
+SUITES = ("processor", "vision", "llava")
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
+        sys.exit(f"usage: python scripts/benchmark.py {{{','.join(SUITES)}}} [options]")
+    importlib.import_module(f"apt_hf.benchmarks.{sys.argv[1]}").main(sys.argv[2:])

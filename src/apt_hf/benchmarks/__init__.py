@@ -1,0 +1,1 @@
+"""Benchmark suites behind scripts/benchmark.py; each module exposes main(argv)."""
