@@ -1,0 +1,107 @@
+"""AptLlavaProcessor: LlavaProcessor whose images go through AptImageProcessor.
+
+With `vision_feature_layout="packed"` each `<image>` expands to as many tokens as APT kept for that image,
+so the language model reads fewer visual tokens; with "grid" it expands to the full grid, as stock LLaVA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.image_utils import make_flat_list_of_images
+from transformers.models.llava.processing_llava import LlavaProcessor
+
+from .image_processing_apt import AptImageProcessorPil
+
+VISION_FEATURE_LAYOUTS = ("packed", "grid")
+
+
+def validate_layout_name(layout: str) -> str:
+    if layout not in VISION_FEATURE_LAYOUTS:
+        raise ValueError(f"vision_feature_layout: expected one of {VISION_FEATURE_LAYOUTS}, got {layout!r}")
+    return layout
+
+
+class AptLlavaProcessor(LlavaProcessor):
+    """LLaVA-1.5's processor (tokenizer, chat template, image-token expansion) with APT image packing."""
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        patch_size: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        num_additional_image_tokens: int = 0,
+        vision_feature_layout: str = "packed",
+        **kwargs: Any,
+    ) -> None:
+        self.vision_feature_layout = validate_layout_name(vision_feature_layout)
+        super().__init__(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+            image_token=image_token, num_additional_image_tokens=num_additional_image_tokens, **kwargs,
+        )
+
+    @classmethod
+    def from_llava_processor(
+        cls, processor_or_path: Any, vision_feature_layout: str = "packed", **apt_fields: Any
+    ) -> AptLlavaProcessor:
+        """Wrap a stock LlavaProcessor (object, local path or hub id), keeping its tokenizer and chat template."""
+        if isinstance(processor_or_path, str):
+            from transformers import AutoProcessor
+
+            processor_or_path = AutoProcessor.from_pretrained(processor_or_path)
+        stock = processor_or_path
+        if not isinstance(stock, LlavaProcessor):
+            raise ValueError(f"processor_or_path: expected a LlavaProcessor, got {type(stock).__name__}")
+        apt_fields.setdefault("patch_size", stock.patch_size)
+        image_processor = AptImageProcessorPil.from_image_processor(stock.image_processor, **apt_fields)
+        return cls(
+            image_processor=image_processor, tokenizer=stock.tokenizer, patch_size=stock.patch_size,
+            vision_feature_select_strategy=stock.vision_feature_select_strategy, chat_template=stock.chat_template,
+            image_token=stock.image_token, num_additional_image_tokens=stock.num_additional_image_tokens,
+            vision_feature_layout=vision_feature_layout,
+        )
+
+    def image_token_counts(self, image_inputs: dict) -> list[int]:
+        """How many `<image>` tokens each processed image takes in the text."""
+        if self.vision_feature_layout == "packed":
+            tokens = image_inputs["tokens_per_image"]
+        else:
+            tokens = image_inputs["image_grid_hw"].prod(-1)
+        extra = self.num_additional_image_tokens - (1 if self.vision_feature_select_strategy == "default" else 0)
+        return [int(n) + extra for n in tokens]
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        return self.image_token * self.image_token_counts(image_inputs)[image_idx]
+
+    def validate_inputs(self, images: Any = None, text: Any = None, **kwargs: Any) -> None:
+        super().validate_inputs(images=images, text=text, **kwargs)
+        if text is None:  # images alone: nothing to pair
+            return
+        texts = [text] if isinstance(text, str) else list(text)
+        placeholders = sum(t.count(self.image_token) for t in texts)
+        n_images = 0 if images is None else len(make_flat_list_of_images(images))
+        if placeholders != n_images:
+            raise ValueError(
+                f"images: got {n_images} image(s) but the text has {placeholders} {self.image_token} placeholder(s); "
+                f"put one {self.image_token} in the text per image"
+            )
+
+    def _check_special_mm_tokens(self, text: list[str], text_inputs: Any, modalities: list[str]) -> None:
+        """Refuse truncation that cuts image tokens, saying which max_length the batch needs."""
+        ids = text_inputs["input_ids"]
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        for i, (sample_ids, sample_text) in enumerate(zip(ids, text, strict=True)):
+            if list(sample_ids).count(self.image_token_id) != sample_text.count(self.image_token):
+                needed = len(self.tokenizer(sample_text)["input_ids"])
+                raise ValueError(
+                    f"max_length: truncation would cut image tokens of sample {i}, which needs {needed} tokens; "
+                    f"set max_length >= {needed} or disable truncation"
+                )
+        super()._check_special_mm_tokens(text, text_inputs, modalities)
+
+
+__all__ = ["AptLlavaProcessor", "VISION_FEATURE_LAYOUTS"]
