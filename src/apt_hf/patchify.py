@@ -371,3 +371,26 @@ def validate_layout(
         raise ValueError(
             f"pixel_values: expected {cells} base patches (4**scale per token), got {num_base_patches}"
         )
+
+
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Concatenation of arange(start, start + length) for each pair, vectorised."""
+    first = torch.cumsum(lengths, 0) - lengths
+    within = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(first, lengths)
+    return torch.repeat_interleave(starts, lengths) + within
+
+
+def select_images(
+    pixel_values: torch.Tensor, layout: PatchLayout, index: torch.Tensor
+) -> tuple[torch.Tensor, PatchLayout]:
+    """Take images `index` (any order, repeats allowed) of a packed batch, e.g. to expand it for beam search."""
+    index = torch.as_tensor(index, dtype=torch.int64, device=layout.tokens_per_image.device)
+    tokens = layout.tokens_per_image
+    cells_per_token = 1 << (2 * layout.patch_scales)
+    image_of_token = torch.repeat_interleave(torch.arange(len(tokens), device=tokens.device), tokens)
+    cells = torch.zeros_like(tokens).index_add_(0, image_of_token, cells_per_token)
+    token_index = _ranges((torch.cumsum(tokens, 0) - tokens)[index], tokens[index])
+    cell_index = _ranges((torch.cumsum(cells, 0) - cells)[index], cells[index])
+    picked = PatchLayout(layout.patch_scales[token_index], layout.patch_positions[token_index], tokens[index],
+                         layout.image_grid_hw[index])
+    return pixel_values[cell_index.to(pixel_values.device)], picked
