@@ -1,0 +1,158 @@
+"""AptImageProcessor against transformers' CLIP image processor on real photographs, one run, same backend.
+
+    python scripts/benchmark.py processor [--repeats 7] [--size 336] [--crop_size 336] [--do_pad]
+        [--backend pil|torchvision] [--num_scales 2 --thresholds 5.75]
+
+Both processors get the same kwargs and the same photos (scikit-image's bundled set, RGB). Each repeat
+processes every photo on its own (as a dataset map or collator does), APT and stock interleaved so drift
+hits both; times are medians over repeats, after one warm-up. The APT steps (recovering the 8-bit image,
+scoring + selection, packing) are also timed alone on the stock output, to show where the overhead goes.
+Goal (issue 2): APT adds <= 15%. Timings on a shared machine are noisy: run it on a quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import transformers
+from PIL import Image
+
+from ..patchify import compute_layout, pack_base_patches, recover_uint8
+from ..sample_images import PHOTOS, load_photos
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="benchmark.py processor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--size", type=int, default=336, help="shortest edge after resize")
+    parser.add_argument("--crop_size", type=int, default=336)
+    parser.add_argument("--do_pad", action="store_true",
+                        help="LLaVA-1.5 pad-to-square (baseline becomes LlavaImageProcessor, which has it)")
+    parser.add_argument("--backend", choices=("pil", "torchvision"), default="pil")
+    parser.add_argument("--patch_size", type=int, default=14)
+    parser.add_argument("--num_scales", type=int, default=2)
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[5.75])
+    parser.add_argument("--scorer", default="entropy")
+    parser.add_argument("--entropy_bins", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1, as in DataLoader workers; the PIL path is single-threaded)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected >= 1, got {args.repeats}")
+    return args
+
+
+def build_processors(args: argparse.Namespace) -> tuple[Any, Any, str, Any]:
+    """(APT, stock, stock name, APT's own base class without APT), all on the requested backend, same kwargs."""
+    from ..image_processing_apt import AptImageProcessorPil
+
+    common = {"size": {"shortest_edge": args.size}, "crop_size": {"height": args.crop_size, "width": args.crop_size}}
+    apt_fields = {"patch_size": args.patch_size, "num_scales": args.num_scales, "thresholds": args.thresholds,
+                  "scorer": args.scorer, "entropy_bins": args.entropy_bins}
+    if args.backend == "pil":
+        from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil
+
+        apt_cls, base_cls = AptImageProcessorPil, LlavaImageProcessorPil
+        stock_cls = LlavaImageProcessorPil if args.do_pad else CLIPImageProcessorPil
+    else:
+        if not transformers.utils.is_torchvision_available():
+            raise SystemExit("--backend torchvision: torchvision is not installed; use --backend pil")
+        from transformers import CLIPImageProcessor, LlavaImageProcessor
+
+        from ..image_processing_apt import AptImageProcessor
+
+        apt_cls, base_cls = AptImageProcessor, LlavaImageProcessor
+        stock_cls = LlavaImageProcessor if args.do_pad else CLIPImageProcessor
+    stock_kwargs = {**common, "do_pad": True} if args.do_pad else common
+    return (apt_cls(**common, do_pad=args.do_pad, **apt_fields), stock_cls(**stock_kwargs), stock_cls.__name__,
+            base_cls(**common, do_pad=args.do_pad))
+
+
+def time_per_image(fn: Callable[[Image.Image], Any], photos: Sequence[Image.Image]) -> float:
+    """Seconds per image for one pass over the photos, one call per photo."""
+    start = time.perf_counter()
+    for photo in photos:
+        fn(photo)
+    return (time.perf_counter() - start) / len(photos)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    apt, stock, stock_name, base = build_processors(args)
+    photos = list(load_photos(PHOTOS).values())
+
+    def run_apt(photo: Image.Image) -> Any:
+        return apt(photo, return_tensors="pt")
+
+    def run_stock(photo: Image.Image) -> Any:
+        return stock(photo, return_tensors="pt")
+
+    # The APT-only share: score + select + pack on the stock processor's output (what APT adds on top of it).
+    processed = [stock(photo, return_tensors="pt")["pixel_values"] for photo in photos]
+    mean, std = stock.image_mean, stock.image_std
+
+    uint8 = [recover_uint8(pixels, mean, std, stock.rescale_factor) for pixels in processed]
+    layouts = [compute_layout(u, args.patch_size, args.num_scales, args.thresholds, args.scorer, args.entropy_bins)
+               for u in uint8]
+    steps: dict[str, tuple[Callable[[Any], Any], list]] = {
+        "recover 8-bit": (lambda pixels: recover_uint8(pixels, mean, std, stock.rescale_factor), processed),
+        "score + select": (lambda u: compute_layout(u, args.patch_size, args.num_scales, args.thresholds,
+                                                    args.scorer, args.entropy_bins), uint8),
+        "pack": (lambda item: pack_base_patches(item[0], item[1], args.patch_size), list(zip(processed, layouts,
+                                                                                             strict=True))),
+    }
+
+    for photo in photos:  # warm-up: first-call allocations, lazy imports
+        run_apt(photo)
+        run_stock(photo)
+    apt_times, stock_times, base_times = [], [], []
+    step_times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        stock_times.append(time_per_image(run_stock, photos))
+        apt_times.append(time_per_image(run_apt, photos))
+        base_times.append(time_per_image(lambda photo: base(photo, return_tensors="pt"), photos))
+        for name, (fn, items) in steps.items():
+            step_times[name].append(time_per_image(fn, items))
+    stock_ms, apt_ms = 1e3 * statistics.median(stock_times), 1e3 * statistics.median(apt_times)
+    step_ms = {name: 1e3 * statistics.median(times) for name, times in step_times.items()}
+    base_ms = 1e3 * statistics.median(base_times)
+
+    outputs = [apt(photo, return_tensors="pt") for photo in photos]
+    kept = [int(o["tokens_per_image"][0]) for o in outputs]
+    uniform = [int(o["image_grid_hw"][0].prod()) for o in outputs]
+    names = [name.rsplit(".", 1)[0] for name in PHOTOS]
+    overhead = apt_ms / stock_ms - 1
+
+    print(f"## AptImageProcessor vs {stock_name} ({args.backend} backend)\n")
+    print(f"{len(photos)} photos, size {args.size} / crop {args.crop_size}, do_pad={args.do_pad}, "
+          f"{args.scorer} S={args.num_scales} {args.thresholds}, p={args.patch_size}; median of {args.repeats} "
+          f"repeats; torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"{transformers.__version__}, {platform.machine()} x{os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}\n")
+    print("| processor | ms / image | vs stock |")
+    print("| --- | ---: | ---: |")
+    print(f"| {stock_name} | {stock_ms:.2f} | 1.00x |")
+    print(f"| AptImageProcessor | {apt_ms:.2f} | {apt_ms / stock_ms:.2f}x ({100 * overhead:+.1f}%) |")
+    if type(base).__name__ != stock_name:
+        print(f"| {type(base).__name__} (APT's base, no APT) | {base_ms:.2f} | {base_ms / stock_ms:.2f}x |")
+    for name, ms in step_ms.items():
+        print(f"| APT step alone: {name} | {ms:.3f} | {100 * ms / stock_ms:.1f}% of stock |")
+    print(f"\nGoal: APT adds <= 15%: {'met' if overhead <= 0.15 else 'NOT met'} ({100 * overhead:+.1f}%).\n")
+    print("| photo | tokens kept | uniform | kept |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, k, u in zip(names, kept, uniform, strict=True):
+        print(f"| {name} | {k} | {u} | {100 * k / u:.1f}% |")
+    print(f"| **all** | {sum(kept)} | {sum(uniform)} | {100 * sum(kept) / sum(uniform):.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
