@@ -737,6 +737,9 @@ def test_validate_layout_accepts_good() -> None:
         # counts not adding up
         (lambda lay: {"tokens_per_image": torch.tensor([12, 1])}, "tokens_per_image"),
         (lambda lay: {"tokens_per_image": torch.tensor([14])}, "image_grid_hw"),
+        (lambda lay: {"tokens_per_image": torch.tensor([15, -1])}, "tokens_per_image"),
+        (lambda lay: {"patch_scales": lay.patch_scales.float()}, "patch_scales"),
+        (lambda lay: {"patch_positions": lay.patch_positions.double()}, "patch_positions"),
         (lambda lay: {"patch_positions": lay.patch_positions[:-1]}, "patch_positions"),
         (lambda lay: {"image_grid_hw": lay.image_grid_hw[:1]}, "image_grid_hw"),
         # positions off grid / misaligned

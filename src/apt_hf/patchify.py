@@ -348,6 +348,12 @@ def validate_layout(
         raise ValueError(
             f"image_grid_hw: expected shape ({tpi.shape[0]}, 2) to match tokens_per_image, got {tuple(grid.shape)}"
         )
+    for name, value in (("patch_scales", scales), ("patch_positions", pos), ("tokens_per_image", tpi),
+                        ("image_grid_hw", grid)):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"{name}: expected an integer tensor, got dtype {value.dtype}")
+    if (tpi < 0).any():
+        raise ValueError(f"tokens_per_image: expected counts >= 0, got {tpi.tolist()}")
     if int(tpi.sum()) != t:
         raise ValueError(f"tokens_per_image: expected to sum to the {t} tokens of patch_scales, got {int(tpi.sum())}")
     if t and (int(scales.min()) < 0 or int(scales.max()) >= num_scales):
