@@ -44,7 +44,7 @@ def draw_layout(
     patch_size: int,
     *,
     line_width: int = 1,
-    fill_alpha: int = 56,
+    fill_alpha: int = 40,
     upscale: int = 1,
 ) -> Image.Image:
     """Return a copy of `image` with every token's square outlined in its scale's colour.
