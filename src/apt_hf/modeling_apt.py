@@ -1,0 +1,1101 @@
+"""APT vision models: `AptCLIPVisionModel`, `AptViTModel`, `AptViTForImageClassification` (DESIGN §1-3).
+
+Each model is the stock transformers model with its patch embedding replaced by `AptPatchEmbeddings` (paper eq. 2)
+and its encoder run on one packed sequence [CLS_1, tokens_1..., CLS_2, tokens_2...]. Encoder layers, norms and
+pooler are transformers' own classes; only the attention function is swapped, through transformers'
+`AttentionInterface`: the encoder is built on a shallow copy of the config whose `_attn_implementation` is
+"apt_packed", and `packed_attention` confines attention to each image with the backend the user chose
+(`model.config._attn_implementation`, read at every call), never with a dense mask over the whole batch.
+
+Part of the remote-code set: imports only torch, transformers and sibling modules (relatively).
+"""
+
+import copy
+import importlib
+import math
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, CLIPVisionModel, PreTrainedModel, ViTForImageClassification, ViTModel
+from transformers import initialization as init
+from transformers.integrations.flash_attention import flash_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.models.clip.modeling_clip import (
+    CLIPEncoder,
+    CLIPEncoderLayer,
+    CLIPPreTrainedModel,
+    CLIPVisionEmbeddings,
+)
+from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTLayer, ViTPooler, ViTPreTrainedModel
+from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available, logging
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_apt import APT_FIELDS, AptCLIPVisionConfig, AptViTConfig
+from .patchify import (
+    PatchLayout,
+    base_patch_index,
+    compute_layout,
+    pack_base_patches,
+    recover_uint8,
+    uniform_layout,
+    validate_layout,
+)
+
+logger = logging.get_logger(__name__)
+
+APT_PACKED = "apt_packed"
+LAYOUT_KEYS = ("patch_scales", "patch_positions", "tokens_per_image", "image_grid_hw")
+_CUDA_ONLY = ("flash_attention_2", "flash_attention_3", "varlen")
+_HALF = (torch.float16, torch.bfloat16)
+_INSTALL_HINTS = {
+    "flash_attention_2": "install FlashAttention-2 (`pip install flash-attn --no-build-isolation`, CUDA only)",
+    "flash_attention_3": "install FlashAttention-3 (`flash_attn_interface` from the flash-attention repo's hopper/ "
+    "folder, Hopper GPUs only)",
+    "flex_attention": "install torch>=2.5",
+    "varlen": "install torch>=2.10 (torch.nn.attention.varlen) and run on a CUDA GPU with compute capability >= 8.0",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed attention
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _varlen_fn() -> Callable | None:
+    """torch's own variable-length (FlashAttention) kernel, when this torch has it."""
+    try:
+        return importlib.import_module("torch.nn.attention.varlen").varlen_attn
+    except (ImportError, AttributeError):
+        return None
+
+
+def _varlen_problem() -> str | None:
+    """Why `varlen` cannot run here, or None."""
+    if _varlen_fn() is None:
+        return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen"
+    if not torch.cuda.is_available():
+        return "it needs a CUDA GPU and none is visible"
+    if torch.cuda.get_device_capability()[0] < 8:
+        return "it needs a CUDA GPU with compute capability >= 8.0"
+    return None
+
+
+def default_attn_implementation() -> str:
+    """The fastest packed backend this machine offers: a varlen FlashAttention kernel on CUDA, else per-image SDPA."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+        if _varlen_problem() is None:
+            return "varlen"
+    return "sdpa"
+
+
+class _ConfigView:
+    """A config as a stock backend must see it: `_attn_implementation` names the real backend, not "apt_packed"."""
+
+    def __init__(self, config: Any, attn_implementation: str) -> None:
+        self._config = config
+        self._attn_implementation = attn_implementation
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+
+class _ModuleView:
+    """The attention module with a `_ConfigView` config (flash_attention_forward dispatches on module.config)."""
+
+    def __init__(self, module: nn.Module, attn_implementation: str) -> None:
+        self._module = module
+        self.config = _ConfigView(module.config, attn_implementation)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+# One-slot memo: every layer of a forward sees the same cu_seqlens tensor, so its runs are computed once.
+_RUNS_MEMO: tuple[Any, tuple[tuple[int, int, int], ...]] = (None, ())
+
+
+def _equal_length_runs(cu_seqlens: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
+    """(start, length, count) of each run of consecutive images of equal length: one attention call per run."""
+    global _RUNS_MEMO
+    memo_key, memo_runs = _RUNS_MEMO
+    if memo_key is cu_seqlens:
+        return memo_runs
+    bounds = cu_seqlens.tolist()
+    runs: list[list[int]] = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if runs and runs[-1][1] == end - start:
+            runs[-1][2] += 1
+        else:
+            runs.append([start, end - start, 1])
+    result = tuple(tuple(r) for r in runs)
+    _RUNS_MEMO = (cu_seqlens, result)
+    return result
+
+
+def _as_batch(x: torch.Tensor, start: int, length: int, count: int) -> torch.Tensor:
+    """(1, H, L, d) packed -> (count, H, length, d) for one run of equal-length images (a view when possible)."""
+    heads, dim = x.shape[1], x.shape[3]
+    part = x[:, :, start : start + length * count].transpose(1, 2)
+    return part.reshape(count, length, heads, dim).transpose(1, 2)
+
+
+def _stock_eager(module: nn.Module) -> Callable:
+    """The eager attention function of the module's own transformers model file (CLIP's, ViT's, ...)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise ValueError(f"attn_implementation='eager': the module of {type(module).__name__} has no "
+                         "eager_attention_forward")
+    return fn
+
+
+@torch.compiler.disable
+def packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    apt_attn_implementation: str | None = None,
+    apt_cu_seqlens: torch.Tensor | None = None,
+    apt_max_seqlen: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over a packed (1, H, L, d) batch, confined to each image, with the requested backend.
+
+    eager / sdpa run transformers' own functions once per run of equal-length images (views, no copies);
+    flex_attention gets the document BlockMask built by the model; flash_attention_2/3 and varlen use the
+    variable-length kernels with cu_seqlens. Excluded from torch.compile graphs: the per-image bookkeeping is
+    host-side, everything else in the layer compiles.
+    """
+    if apt_cu_seqlens is None or apt_attn_implementation is None:
+        raise ValueError("apt_packed attention runs only inside APT models, which pass the packing (cu_seqlens)")
+    backend = apt_attn_implementation
+    if backend in _CUDA_ONLY and (query.device.type != "cuda" or query.dtype not in _HALF or dropout > 0):
+        logger.warning_once(
+            f"attn_implementation={backend!r} needs CUDA float16/bfloat16 inputs without attention dropout; got "
+            f"{query.device.type} {query.dtype}, dropout={dropout}. Falling back to per-image sdpa."
+        )
+        backend = "sdpa"
+
+    if backend in ("sdpa", "eager"):
+        fn = sdpa_attention_forward if backend == "sdpa" else _stock_eager(module)
+        outputs = []
+        for start, length, count in _equal_length_runs(apt_cu_seqlens):
+            out, _ = fn(
+                module,
+                _as_batch(query, start, length, count),
+                _as_batch(key, start, length, count),
+                _as_batch(value, start, length, count),
+                None,
+                scaling=scaling,
+                dropout=dropout,
+                **kwargs,
+            )
+            outputs.append(out.reshape(1, count * length, *out.shape[2:]))
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
+
+    if backend == "flex_attention":
+        if query.device.type == "cpu":
+            if dropout > 0:
+                raise ValueError("attn_implementation='flex_attention' has no attention dropout; use model.eval() "
+                                 "or set the attention dropout to 0")
+            return _cpu_flex(query, key, value, attention_mask, scaling), None
+        from transformers.integrations.flex_attention import flex_attention_forward
+
+        out, _ = flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                        **kwargs)
+        return out, None
+
+    if backend in ("flash_attention_2", "flash_attention_3"):
+        cu = apt_cu_seqlens.to(device=query.device, dtype=torch.int32)
+        out, _ = flash_attention_forward(
+            _ModuleView(module, backend), query, key, value, None, dropout=dropout, scaling=scaling, is_causal=False,
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=apt_max_seqlen, max_length_k=apt_max_seqlen,
+        )
+        return out, None
+
+    if backend == "varlen":
+        return _varlen_packed(query, key, value, apt_cu_seqlens, apt_max_seqlen, scaling), None
+
+    raise ValueError(f"attn_implementation: {backend!r} is not supported by APT models; use one of "
+                     f"'eager', 'sdpa', 'flex_attention', 'flash_attention_2', 'flash_attention_3', 'varlen'")
+
+
+def _varlen_packed(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """torch.nn.attention.varlen on (1, H, L, d) tensors; returns (1, L, H, d)."""
+    varlen_attn = _varlen_fn()
+    if varlen_attn is None:
+        raise ValueError(f"attn_implementation='varlen': {_INSTALL_HINTS['varlen']}")
+    cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
+    q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
+    out = varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scaling)
+    return out.unsqueeze(0)
+
+
+def varlen_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """"varlen" for models other than APT's: each row of a (B, H, L, d) batch is one sequence, no padding mask."""
+    if attention_mask is not None:
+        raise ValueError("attn_implementation='varlen' cannot apply an attention mask; use 'sdpa' or flash attention")
+    if dropout > 0:
+        raise ValueError("attn_implementation='varlen' has no attention dropout; set the dropout to 0 or use 'sdpa'")
+    b, _, length, _ = query.shape
+    cu = torch.arange(0, (b + 1) * length, length, device=query.device, dtype=torch.int32)
+    flat = [t.transpose(1, 2).reshape(1, b * length, *t.shape[1::2]).transpose(1, 2) for t in (query, key, value)]
+    out = _varlen_packed(*flat, cu, length, scaling)
+    return out.view(b, length, *out.shape[2:]), None
+
+
+AttentionInterface.register(APT_PACKED, packed_attention)
+AttentionInterface.register("varlen", varlen_attention_forward)
+
+
+class _FlexModuleStub:
+    """What transformers' flex_attention_forward reads from the module (inference only: no dropout)."""
+
+    training = False
+
+
+_FLEX_STUB = _FlexModuleStub()
+_CPU_FLEX_BLOCK = 128  # pad CPU flex sequences to this multiple: few distinct shapes, one static compile each
+
+
+def _flex_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
+               scaling: float | None) -> torch.Tensor:
+    from transformers.integrations.flex_attention import flex_attention_forward
+
+    return flex_attention_forward(_FLEX_STUB, query, key, value, block_mask, scaling=scaling)[0]
+
+
+_CPU_FLEX_COMPILED: list[Callable] = []
+
+
+def _cpu_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
+              scaling: float | None) -> torch.Tensor:
+    """transformers' flex_attention_forward compiled with static shapes on sequences padded to 128.
+
+    torch's CPU flex template fails to build once shapes turn dynamic (which torch.compile does on the second
+    sequence length it sees, e.g. transformers' own compiled flex); static shapes on a few padded lengths do not.
+    """
+    if not _CPU_FLEX_COMPILED:
+        _CPU_FLEX_COMPILED.append(torch.compile(_flex_call, dynamic=False))
+    length, padded = query.shape[2], block_mask.seq_lengths[0]
+    if padded != length:
+        query, key, value = (F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
+    return _CPU_FLEX_COMPILED[0](query, key, value, block_mask, scaling)[:, :length]
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, device: torch.device) -> Any:
+    """flex_attention BlockMask letting each token attend only within its own image (built once per forward).
+
+    On CPU the sequence is padded to a multiple of 128 with one extra document (see `_cpu_flex`).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = cu_seqlens.diff().long().to(device)
+    document = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    total = int(document.shape[0])
+    if device.type == "cpu" and total % _CPU_FLEX_BLOCK:
+        padded = -(-total // _CPU_FLEX_BLOCK) * _CPU_FLEX_BLOCK
+        document = F.pad(document, (0, padded - total), value=len(lengths))
+        total = padded
+
+    def same_image(batch: Any, head: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return document[q_idx] == document[kv_idx]
+
+    return create_block_mask(same_image, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs and helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _LayoutFields:
+    """Layout accessors shared by the output classes (their layout tensors are plain fields)."""
+
+    @property
+    def layout(self) -> PatchLayout:
+        return PatchLayout(self.patch_scales, self.patch_positions, self.tokens_per_image, self.image_grid_hw)
+
+    def per_image(self, hidden_states: torch.Tensor | None = None, drop_cls: bool = False) -> list[torch.Tensor]:
+        """Split packed states (default: last_hidden_state) per image: [(L_i, D)], CLS first unless dropped."""
+        states = self.last_hidden_state if hidden_states is None else hidden_states
+        return split_per_image(states, self.cu_seqlens, drop_cls=drop_cls)
+
+    def to_grid(self, hidden_states: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Grid view (paper §3.3) of packed states (default: last_hidden_state); see `expand_to_grid`."""
+        states = self.last_hidden_state if hidden_states is None else hidden_states
+        return expand_to_grid(states, self.layout)
+
+
+@dataclass
+class AptModelOutput(_LayoutFields, BaseModelOutputWithPooling):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(1, sum(tokens_per_image + 1), hidden_size)`):
+        Packed states [CLS_1, tokens_1..., CLS_2, tokens_2...].
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        Per-image pooled output, computed exactly as the stock model does from its CLS token.
+    cu_seqlens (`torch.IntTensor` of shape `(batch_size + 1,)`):
+        Cumulative sequence lengths (CLS included): image i is rows cu_seqlens[i]:cu_seqlens[i + 1].
+    patch_scales, patch_positions, tokens_per_image, image_grid_hw:
+        The token layout (DESIGN §3), e.g. for `to_grid`.
+    """
+
+    cu_seqlens: torch.Tensor | None = None
+    patch_scales: torch.Tensor | None = None
+    patch_positions: torch.Tensor | None = None
+    tokens_per_image: torch.Tensor | None = None
+    image_grid_hw: torch.Tensor | None = None
+
+
+@dataclass
+class AptImageClassifierOutput(_LayoutFields, ImageClassifierOutput):
+    r"""`ImageClassifierOutput` plus the packing (`cu_seqlens`) and layout; `hidden_states` are packed."""
+
+    cu_seqlens: torch.Tensor | None = None
+    patch_scales: torch.Tensor | None = None
+    patch_positions: torch.Tensor | None = None
+    tokens_per_image: torch.Tensor | None = None
+    image_grid_hw: torch.Tensor | None = None
+
+    @property
+    def last_hidden_state(self) -> torch.Tensor | None:
+        return self.hidden_states[-1] if self.hidden_states else None
+
+
+def split_per_image(
+    hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, drop_cls: bool = False
+) -> list[torch.Tensor]:
+    """Packed (1, L, D) or (L, D) states -> one (L_i, D) view per image (CLS first, or dropped)."""
+    states = hidden_states[0] if hidden_states.dim() == 3 else hidden_states
+    parts = states.split(cu_seqlens.diff().tolist())
+    return [p[1:] for p in parts] if drop_cls else list(parts)
+
+
+def drop_cls_tokens(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Packed (1, L, D) or (L, D) states -> (T, D): every image's tokens, in order, without the CLS rows."""
+    states = hidden_states[0] if hidden_states.dim() == 3 else hidden_states
+    keep = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
+    keep[cu_seqlens[:-1].long().to(states.device)] = False
+    return states[keep]
+
+
+def expand_to_grid(
+    hidden_states: torch.Tensor, layout: PatchLayout, has_cls: bool = True
+) -> torch.Tensor | list[torch.Tensor]:
+    """Repeat each token over the 4**s base cells it covers (paper §3.3): the full (rows * cols, D) feature map.
+
+    `hidden_states`: packed (1, L, D) / (L, D) with one CLS per image (`has_cls`), or (T, D) tokens only.
+    Returns (B, rows * cols, D) in raster order when all images share a grid, else a list of (rows_i * cols_i, D).
+    """
+    states = hidden_states[0] if hidden_states.dim() == 3 else hidden_states
+    device = states.device
+    layout = layout.to(device)
+    cell, token = base_patch_index(layout)
+    row = token
+    if has_cls:
+        image_of_token = torch.repeat_interleave(
+            torch.arange(len(layout.tokens_per_image), device=device), layout.tokens_per_image
+        )
+        row = token + image_of_token[token] + 1
+    grid = states.new_empty(cell.shape[0], states.shape[-1])
+    grid[cell] = states[row]
+    cells = layout.image_grid_hw.prod(-1)
+    if bool((layout.image_grid_hw == layout.image_grid_hw[:1]).all()):
+        return grid.view(len(cells), -1, states.shape[-1])
+    return list(grid.split(cells.tolist()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Patch embeddings (paper eq. 2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _int_patch(patch_size: Any) -> int:
+    return int(patch_size[0]) if isinstance(patch_size, (list, tuple)) else int(patch_size)
+
+
+def _coarse_positions(native: torch.Tensor, rows: int, cols: int, scale: int) -> torch.Tensor:
+    """Resample the (1, D, n, n) native grid to scale `scale` of a rows x cols base grid (bicubic, antialiased).
+
+    As timm's resample_abs_pos_embed (float32 compute). When a side is not a multiple of 2**scale, the coarse
+    grid keeps its geometric scale n * 2**scale / side and only its full cells (those tokens can use).
+    """
+    f = 1 << scale
+    x = native.float()
+    if rows % f == 0 and cols % f == 0:
+        out = F.interpolate(x, size=(rows // f, cols // f), mode="bicubic", align_corners=False, antialias=True)
+    else:
+        n_h, n_w = x.shape[-2:]
+        factors = []
+        for n, side in ((n_h, rows), (n_w, cols)):
+            factor = side / (n * f)
+            if math.floor(n * factor) != side // f:  # float rounding of an exact multiple
+                factor = math.nextafter(factor, math.inf)
+            factors.append(factor)
+        out = F.interpolate(x, scale_factor=tuple(factors), mode="bicubic", align_corners=False, antialias=True,
+                            recompute_scale_factor=False)
+    return out.to(native.dtype).permute(0, 2, 3, 1).reshape(-1, native.shape[1])
+
+
+class AptPatchEmbeddings(nn.Module):
+    """Paper eq. 2 on top of a stock ViT embedding module (mixed in before it, so its weights keep their names).
+
+    scale 0:  E(patch) + pos[row, col]                                  (the stock embedding, bit for bit)
+    scale s:  E(Resize_p(block)) + ZeroMLP(Conv^(s)(grid of E(sub-patches))) + pos_s[row / 2**s, col / 2**s]
+
+    E is the stock p x p patch projection; `merge_conv` (one Conv2d(D, D, 2, 2), PyTorch init) is shared by all
+    scales and applied s times; `zero_mlp` (Linear(D, D), zero init) makes a converted model start as "resize
+    only". Subclasses expose the stock weights through `_projection`, `_position_table` and `_class_token`.
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.config = config
+        dim = config.hidden_size
+        self.merge_conv = nn.Conv2d(dim, dim, kernel_size=2, stride=2)
+        self.zero_mlp = nn.Linear(dim, dim)
+        self.merge_conv._apt_init = "torch_default"
+        self.zero_mlp._apt_init = "zeros"
+        nn.init.zeros_(self.zero_mlp.weight)
+        nn.init.zeros_(self.zero_mlp.bias)
+
+    # Stock weights, overridden per model.
+    def _projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def _position_table(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _class_token(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def apt_patch_size(self) -> int:
+        return _int_patch(self.config.patch_size)
+
+    def native_grid(self) -> int:
+        """Side n of the pretrained (square) position grid."""
+        count = self._position_table().shape[0] - 1
+        n = math.isqrt(count)
+        if n * n != count:
+            raise ValueError(f"position embeddings: expected a square grid of patch positions, got {count}")
+        return n
+
+    def _embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """E on (n, C, p, p) patches -> (n, D); the p x p conv at stride p is one matrix product per patch."""
+        weight, bias = self._projection()
+        return F.linear(patches.reshape(patches.shape[0], -1), weight.reshape(weight.shape[0], -1), bias)
+
+    def prepare_inputs(
+        self,
+        pixel_values: torch.Tensor | None,
+        layout_inputs: dict[str, Any],
+        interpolate_pos_encoding: bool | None,
+    ) -> tuple[torch.Tensor, PatchLayout]:
+        """Validate the processor's packed keys, or patchify dense (B, C, H, W) pixel_values on their device."""
+        config, p = self.config, self.apt_patch_size
+        channels = config.num_channels
+        if pixel_values is None:
+            raise ValueError("pixel_values: expected a tensor (dense (B, C, H, W) images or packed base patches)")
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(f"pixel_values: expected a 4-d tensor (B, C, H, W) or (N, C, p, p), got {shape}")
+        if pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values: expected {channels} channels (config.num_channels), got {pixel_values.shape[1]} "
+                f"in shape {tuple(pixel_values.shape)}"
+            )
+        given = [k for k in LAYOUT_KEYS if layout_inputs.get(k) is not None]
+        n = self.native_grid()
+        if given:
+            missing = [k for k in LAYOUT_KEYS if k not in given]
+            if missing:
+                raise ValueError(f"packed inputs: got {given} but {missing} missing; pass all of {list(LAYOUT_KEYS)}"
+                                 " (as AptImageProcessor returns them) or dense pixel_values alone")
+            if pixel_values.shape[-2:] != (p, p):
+                raise ValueError(f"pixel_values: packed inputs need base patches of shape (N, {channels}, {p}, {p}), "
+                                 f"got {tuple(pixel_values.shape)}")
+            layout = PatchLayout(*(_as_index_tensor(layout_inputs[k], k, pixel_values.device) for k in LAYOUT_KEYS))
+            validate_layout(layout, config.num_scales, pixel_values.shape[0])
+            grids = layout.image_grid_hw
+            if len(grids) == 0:
+                raise ValueError("tokens_per_image: expected at least one image, got none")
+        else:
+            b, _, h, w = pixel_values.shape
+            if h % p or w % p:
+                hint = ""
+                if h < p or w < p:
+                    hint = " (packed base patches need patch_scales, patch_positions, tokens_per_image, image_grid_hw)"
+                raise ValueError(f"pixel_values: image sides must be multiples of patch_size={p}, got {h}x{w}{hint}")
+            grids = torch.tensor([[h // p, w // p]], device=pixel_values.device)
+            layout = None
+        if not interpolate_pos_encoding and bool((grids != n).any()):
+            rows, cols = (int(v) for v in grids[(grids != n).any(-1)][0])
+            raise ValueError(
+                f"pixel_values: image of {rows * p}x{cols * p} pixels, but the position embeddings are for "
+                f"{n * p}x{n * p}; pass interpolate_pos_encoding=True to interpolate them (as the stock model does)"
+            )
+        if layout is None:
+            layout = self._dense_layout(pixel_values)
+            pixel_values = pack_base_patches(pixel_values, layout, p)
+        return pixel_values, layout
+
+    @torch.no_grad()
+    def _dense_layout(self, pixel_values: torch.Tensor) -> PatchLayout:
+        """The processor's layout for dense normalized pixels: recover the 8-bit image, score, select."""
+        config, p = self.config, self.apt_patch_size
+        b, _, h, w = pixel_values.shape
+        if config.num_scales == 1 or max(config.thresholds, default=-1.0) <= 0:
+            return uniform_layout(b, h // p, w // p, pixel_values.device)
+        if pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values: APT scoring needs RGB images, got {pixel_values.shape[1]} channels")
+        images = recover_uint8(pixel_values, config.image_mean, config.image_std)
+        return compute_layout(images, p, config.num_scales, config.thresholds, config.scorer, config.entropy_bins)
+
+    def _token_positions(self, layout: PatchLayout, num_scales_used: int) -> torch.Tensor:
+        """(T, D) position of every token: pos_s of its image grid at (row >> s, col >> s)."""
+        table = self._position_table()
+        dim = table.shape[-1]
+        n = self.native_grid()
+        patch_table = table[1:]
+        native = patch_table.reshape(1, n, n, dim).permute(0, 3, 1, 2)
+        grids, grid_of_image = torch.unique(layout.image_grid_hw, dim=0, return_inverse=True)
+        pieces, offsets, widths, total = [], [], [], 0
+        for rows, cols in grids.tolist():
+            for s in range(num_scales_used):
+                if s == 0 and rows == n and cols == n:
+                    piece = patch_table
+                elif s == 0:  # exactly the stock interpolate_pos_encoding (bicubic, no antialias)
+                    piece = F.interpolate(native, size=(rows, cols), mode="bicubic", align_corners=False)
+                    piece = piece.permute(0, 2, 3, 1).reshape(-1, dim)
+                else:
+                    piece = _coarse_positions(native, rows, cols, s)
+                pieces.append(piece)
+                offsets.append(total)
+                widths.append(cols >> s)
+                total += piece.shape[0]
+        device = layout.patch_scales.device
+        offsets_t = torch.tensor(offsets, device=device).view(len(grids), num_scales_used)
+        widths_t = torch.tensor(widths, device=device).view(len(grids), num_scales_used)
+        image_of_token = torch.repeat_interleave(
+            torch.arange(len(layout.tokens_per_image), device=device), layout.tokens_per_image
+        )
+        g, s = grid_of_image.view(-1)[image_of_token], layout.patch_scales
+        row, col = layout.patch_positions[:, 0] >> s, layout.patch_positions[:, 1] >> s
+        index = offsets_t[g, s] + row * widths_t[g, s] + col
+        return torch.cat(pieces).index_select(0, index.to(table.device))
+
+    def forward(self, pixel_values: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
+        """Base patches (N, C, p, p) in token order + layout -> packed embeddings (T + B, D), CLS first per image."""
+        weight, _ = self._projection()
+        x = pixel_values.to(weight.dtype)
+        scales = layout.patch_scales
+        sub = self._embed(x)  # E of every base patch, (N, D)
+        num_used = int(scales.max()) + 1 if scales.numel() else 1
+        if num_used == 1:
+            tokens = sub
+        else:
+            cells = 1 << (2 * scales)
+            first = torch.cumsum(cells, 0) - cells
+            tokens = sub.new_empty(scales.shape[0], sub.shape[1])
+            p, ch = x.shape[-1], x.shape[1]
+            for s in range(num_used):
+                idx = (scales == s).nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                if s == 0:
+                    tokens.index_copy_(0, idx, sub.index_select(0, first[idx]))
+                    continue
+                side = 1 << s
+                members = (first[idx, None] + torch.arange(side * side, device=idx.device)).view(-1)
+                grid = sub.index_select(0, members).view(-1, side, side, sub.shape[1]).permute(0, 3, 1, 2)
+                for _ in range(s):
+                    grid = self.merge_conv(grid)
+                detail = self.zero_mlp(grid.flatten(1))
+                block = x.index_select(0, members).view(-1, side, side, ch, p, p)
+                block = block.permute(0, 3, 1, 4, 2, 5).reshape(-1, ch, side * p, side * p)
+                resized = F.interpolate(block, size=(p, p), mode="bilinear", align_corners=False, antialias=False)
+                tokens.index_copy_(0, idx, self._embed(resized) + detail)
+        tokens = tokens + self._token_positions(layout, num_used)
+
+        table = self._position_table()
+        cls = (self._class_token() + table[0]).to(tokens.dtype)
+        tpi = layout.tokens_per_image
+        batch = tpi.shape[0]
+        device = tokens.device
+        image_of_token = torch.repeat_interleave(torch.arange(batch, device=device), tpi)
+        token_rows = torch.arange(tokens.shape[0], device=device) + image_of_token + 1
+        cls_rows = torch.cumsum(tpi + 1, 0) - (tpi + 1)
+        packed = tokens.new_empty(tokens.shape[0] + batch, tokens.shape[1])
+        packed.index_copy_(0, token_rows, tokens)
+        packed.index_copy_(0, cls_rows, cls.expand(batch, -1))
+        return packed
+
+
+def _as_index_tensor(value: Any, name: str, device: torch.device) -> torch.Tensor:
+    tensor = torch.as_tensor(value, device=device)
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(f"{name}: expected an integer tensor, got dtype {tensor.dtype}")
+    return tensor.long()
+
+
+class AptCLIPVisionEmbeddings(AptPatchEmbeddings, CLIPVisionEmbeddings):
+    """APT embeddings on `CLIPVisionEmbeddings` (weights: class_embedding, patch_embedding, position_embedding)."""
+
+    def _projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.patch_embedding.weight, self.patch_embedding.bias
+
+    def _position_table(self) -> torch.Tensor:
+        return self.position_embedding.weight
+
+    def _class_token(self) -> torch.Tensor:
+        return self.class_embedding
+
+
+class AptViTEmbeddings(AptPatchEmbeddings, ViTEmbeddings):
+    """APT embeddings on `ViTEmbeddings` (weights: cls_token, patch_embeddings.projection, position_embeddings)."""
+
+    def _projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        projection = self.patch_embeddings.projection
+        return projection.weight, projection.bias
+
+    def _position_table(self) -> torch.Tensor:
+        return self.position_embeddings[0]
+
+    def _class_token(self) -> torch.Tensor:
+        return self.cls_token[0, 0]
+
+    def forward(self, pixel_values: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
+        return self.dropout(super().forward(pixel_values, layout))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _packed_encoder_config(config: Any) -> Any:
+    """Shallow copy of the config for the stock encoder layers: their attention dispatches to `packed_attention`."""
+    encoder_config = copy.copy(config)
+    encoder_config._attn_implementation_internal = APT_PACKED
+    return encoder_config
+
+
+class AptPreTrainedMixin:
+    """What every APT model adds to its stock PreTrainedModel: attention checks, init, conversion, saving."""
+
+    _stock_class: type[PreTrainedModel] | None = None
+    _can_compile_fullgraph = False  # data-dependent packing; compile the encoder layers (see README)
+    _apt_auto_classes: tuple[str, ...] = ("AutoModel",)
+
+    # -- attention implementation ------------------------------------------------------------------------------
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        if requested_attention is None:
+            return default_attn_implementation()
+        if requested_attention == APT_PACKED:
+            raise ValueError(f"attn_implementation: {APT_PACKED!r} is internal; choose 'sdpa', 'eager', "
+                             "'flex_attention', 'flash_attention_2', 'flash_attention_3' or 'varlen'")
+        if requested_attention == "varlen":
+            problem = _varlen_problem()
+            if problem is not None:
+                raise ValueError(f"attn_implementation='varlen' is not available: {problem}; "
+                                 f"{_INSTALL_HINTS['varlen']}, or use 'sdpa' / 'flex_attention'")
+            return requested_attention
+        if requested_attention == "flex_attention" and not is_torch_flex_attn_available():
+            raise ValueError("attn_implementation='flex_attention' is not available: "
+                             f"{_INSTALL_HINTS['flex_attention']}")
+        try:
+            return super().get_correct_attn_implementation(requested_attention, is_init_check)
+        except ImportError as err:
+            raise _unavailable(requested_attention, err) from err
+
+    def _check_and_adjust_attn_implementation(
+        self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
+    ) -> str:
+        try:
+            return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
+        except ImportError as err:
+            raise _unavailable(attn_implementation, err) from err
+
+    def _packed_attention_kwargs(self, cu_seqlens: torch.Tensor, hidden: torch.Tensor) -> tuple[Any, dict[str, Any]]:
+        """(attention_mask, kwargs) carrying the packing and the user's backend to `packed_attention`."""
+        backend = self.config._attn_implementation or "sdpa"
+        lengths = cu_seqlens.diff()
+        kwargs = {
+            "apt_attn_implementation": backend,
+            "apt_cu_seqlens": cu_seqlens,
+            "apt_max_seqlen": int(lengths.max()),
+        }
+        mask = document_block_mask(cu_seqlens, hidden.device) if backend == "flex_attention" else None
+        return mask, kwargs
+
+    # -- weights ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        kind = getattr(module, "_apt_init", None)
+        if kind == "zeros":
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif kind == "torch_default":  # nn.Conv2d.reset_parameters, through transformers' guarded init
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            fan_in = module.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in)
+            init.uniform_(module.bias, -bound, bound)
+        else:
+            super()._init_weights(module)
+
+    def named_apt_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters APT adds (merge conv, zero-MLP), by name, e.g. for freezing policies."""
+        for name, param in self.named_parameters():
+            leaf = name.split(".")
+            if len(leaf) >= 2 and leaf[-2] in ("merge_conv", "zero_mlp"):
+                yield name, param
+
+    def apt_parameters(self) -> list[nn.Parameter]:
+        """The parameters APT adds (merge conv, zero-MLP); everything else is the pretrained model."""
+        return [param for _, param in self.named_apt_parameters()]
+
+    # -- conversion and saving --------------------------------------------------------------------------------
+    @classmethod
+    def _from_stock(cls, model_or_path: Any, **kwargs: Any) -> PreTrainedModel:
+        """Build from a stock model (object, local path or hub id), keeping every pretrained weight."""
+        apt_fields = {k: kwargs.pop(k) for k in (*APT_FIELDS, "image_mean", "image_std") if k in kwargs}
+        attn_implementation = kwargs.pop("attn_implementation", None)
+        if isinstance(model_or_path, nn.Module):
+            if kwargs:
+                raise ValueError(f"{cls.__name__}: loading options {sorted(kwargs)} only apply to a path or hub id")
+            stock = cls._pick_stock(model_or_path)
+        else:
+            stock = cls._stock_class.from_pretrained(model_or_path, **kwargs)
+            if "image_mean" not in apt_fields or "image_std" not in apt_fields:
+                apt_fields = {**_processor_stats(model_or_path, kwargs), **apt_fields}
+        config = cls.config_class.from_stock_config(stock.config, **apt_fields)
+        config._attn_implementation = attn_implementation
+        dtype = next(stock.parameters()).dtype
+        model = cls._build_like(config, stock).to(dtype=dtype, device=next(stock.parameters()).device)
+        missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
+        new = {name for name, _ in model.named_apt_parameters()}
+        if unexpected or set(missing) - new:
+            raise ValueError(f"{cls.__name__}: the stock weights do not match (missing {sorted(set(missing) - new)}, "
+                             f"unexpected {sorted(unexpected)})")
+        model.config.architectures = [cls.__name__]
+        return model.train(stock.training)
+
+    @classmethod
+    def _pick_stock(cls, model: nn.Module) -> PreTrainedModel:
+        if isinstance(model, cls._stock_class):
+            return model
+        raise ValueError(f"{cls.__name__}: expected a {cls._stock_class.__name__}, a path or a hub id, "
+                         f"got {type(model).__name__}")
+
+    @classmethod
+    def _build_like(cls, config: Any, stock: PreTrainedModel) -> PreTrainedModel:
+        return cls(config)
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """Save weights and config with `auto_map` entries for every Auto class this model serves, plus the code."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for auto_class in self._apt_auto_classes:
+            target = _AUTO_TARGETS.get((type(self).__name__, auto_class), type(self).__name__)
+            auto_map.setdefault(auto_class, f"{type(self).__module__.split('.')[-1]}.{target}")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _unavailable(requested: str | None, err: Exception) -> ValueError:
+    hint = _INSTALL_HINTS.get(str(requested), "install the package it needs")
+    return ValueError(f"attn_implementation={requested!r} is not available here ({err}); {hint}, "
+                      "or use 'sdpa', 'eager' or 'flex_attention'")
+
+
+def _processor_stats(path: str, load_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """image_mean / image_std of the checkpoint's image processor, when it has one."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    keys = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+    try:
+        settings, _ = ImageProcessingMixin.get_image_processor_dict(
+            path, **{k: v for k, v in load_kwargs.items() if k in keys}
+        )
+    except (OSError, ValueError):
+        return {}
+    return {k: settings[k] for k in ("image_mean", "image_std") if settings.get(k) is not None}
+
+
+# (model class, Auto class) -> class that serves it, when not the model itself.
+_AUTO_TARGETS = {("AptViTForImageClassification", "AutoModel"): "AptViTModel"}
+
+
+def _cls_rows(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return cu_seqlens[:-1].long()
+
+
+def _layout_fields(layout: PatchLayout, cu_seqlens: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"cu_seqlens": cu_seqlens, **{k: getattr(layout, k) for k in LAYOUT_KEYS}}
+
+
+def _check_no_attentions(kwargs: dict[str, Any]) -> None:
+    if kwargs.pop("output_attentions", False) or kwargs.pop("attention_mask", None) is not None:
+        raise ValueError("output_attentions / attention_mask: not supported by APT's packed attention (each image "
+                         "attends to all of its own tokens; per-image attention maps are not returned)")
+
+
+def _embed_packed(
+    embeddings: AptPatchEmbeddings,
+    pixel_values: torch.Tensor | None,
+    layout_inputs: dict[str, Any],
+    interpolate_pos_encoding: bool | None,
+) -> tuple[torch.Tensor, PatchLayout, torch.Tensor]:
+    """Inputs -> (packed embeddings (1, L, D), layout, cu_seqlens int32)."""
+    base, layout = embeddings.prepare_inputs(pixel_values, layout_inputs, interpolate_pos_encoding)
+    lengths = layout.tokens_per_image + 1
+    cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+    return embeddings(base, layout)[None], layout, cu_seqlens
+
+
+class AptCLIPVisionModel(AptPreTrainedMixin, CLIPPreTrainedModel):
+    """`CLIPVisionModel` with adaptive patches: same weights and outputs per image, packed sequence."""
+
+    config_class = AptCLIPVisionConfig
+    config: AptCLIPVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _input_embed_layer = "patch_embedding"
+    _no_split_modules = ["CLIPEncoderLayer", "AptCLIPVisionEmbeddings"]
+    _can_record_outputs = {"hidden_states": CLIPEncoderLayer}
+    _stock_class = CLIPVisionModel
+
+    def __init__(self, config: AptCLIPVisionConfig) -> None:
+        super().__init__(config)
+        embed_dim = config.hidden_size
+        self.embeddings = AptCLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
+        self.encoder = CLIPEncoder(_packed_encoder_config(config))
+        self.post_layernorm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
+        self.post_init()
+
+    @classmethod
+    def from_clip(cls, model_or_path: Any, **kwargs: Any) -> "AptCLIPVisionModel":
+        """Convert a CLIP vision tower (CLIPVisionModel / CLIPModel / ...WithProjection object, path or hub id).
+
+        kwargs: the APT fields (num_scales, thresholds, scorer, entropy_bins), image_mean / image_std (default:
+        the checkpoint's image processor), attn_implementation, and from_pretrained options for paths.
+        """
+        return cls._from_stock(model_or_path, **kwargs)
+
+    @classmethod
+    def _pick_stock(cls, model: nn.Module) -> PreTrainedModel:
+        tower = getattr(model, "vision_model", None)
+        if isinstance(model, CLIPVisionModel):
+            return model
+        if isinstance(tower, CLIPVisionModel):
+            return tower
+        raise ValueError(f"{cls.__name__}.from_clip: expected a CLIPVisionModel, a CLIP model with .vision_model, a "
+                         f"path or a hub id, got {type(model).__name__}")
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        patch_scales: torch.Tensor | None = None,
+        patch_positions: torch.Tensor | None = None,
+        tokens_per_image: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = False,
+        **kwargs: Any,
+    ) -> AptModelOutput:
+        r"""
+        pixel_values: dense `(B, C, H, W)` normalized images, or the processor's base patches `(N, C, p, p)`.
+        patch_scales, patch_positions, tokens_per_image, image_grid_hw: the processor's layout (packed input).
+        interpolate_pos_encoding: allow image sizes other than config.image_size (as the stock model).
+        """
+        _check_no_attentions(kwargs)
+        layout_inputs = {"patch_scales": patch_scales, "patch_positions": patch_positions,
+                         "tokens_per_image": tokens_per_image, "image_grid_hw": image_grid_hw}
+        hidden, layout, cu_seqlens = _embed_packed(self.embeddings, pixel_values, layout_inputs,
+                                                   interpolate_pos_encoding)
+        hidden = self.pre_layrnorm(hidden)
+        mask, attn_kwargs = self._packed_attention_kwargs(cu_seqlens, hidden)
+        encoder_outputs = self.encoder(inputs_embeds=hidden, attention_mask=mask, **attn_kwargs, **kwargs)
+        last_hidden_state = encoder_outputs.last_hidden_state
+        pooled_output = self.post_layernorm(last_hidden_state[0, _cls_rows(cu_seqlens)])
+        return AptModelOutput(last_hidden_state=last_hidden_state, pooler_output=pooled_output,
+                              **_layout_fields(layout, cu_seqlens))
+
+
+class AptViTModel(AptPreTrainedMixin, ViTPreTrainedModel):
+    """`ViTModel` with adaptive patches: same weights and outputs per image, packed sequence."""
+
+    config_class = AptViTConfig
+    config: AptViTConfig
+    _no_split_modules = ["AptViTEmbeddings", "ViTLayer"]
+    _can_record_outputs = {"hidden_states": ViTLayer}
+    _stock_class = ViTModel
+
+    def __init__(self, config: AptViTConfig, add_pooling_layer: bool = True) -> None:
+        super().__init__(config)
+        self.embeddings = AptViTEmbeddings(config)
+        encoder_config = _packed_encoder_config(config)
+        self.layers = nn.ModuleList([ViTLayer(encoder_config) for _ in range(config.num_hidden_layers)])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler = ViTPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    @classmethod
+    def from_vit(cls, model_or_path: Any, **kwargs: Any) -> "AptViTModel":
+        """Convert a ViTModel (object, path or hub id; a ViTForImageClassification gives its .vit).
+
+        kwargs: the APT fields, image_mean / image_std (default: the checkpoint's image processor),
+        attn_implementation, and from_pretrained options for paths.
+        """
+        return cls._from_stock(model_or_path, **kwargs)
+
+    @classmethod
+    def _pick_stock(cls, model: nn.Module) -> PreTrainedModel:
+        if isinstance(model, ViTModel):
+            return model
+        if isinstance(getattr(model, "vit", None), ViTModel):
+            return model.vit
+        raise ValueError(f"{cls.__name__}.from_vit: expected a ViTModel (or a model with .vit), a path or a hub id, "
+                         f"got {type(model).__name__}")
+
+    @classmethod
+    def _build_like(cls, config: Any, stock: PreTrainedModel) -> PreTrainedModel:
+        return cls(config, add_pooling_layer=stock.pooler is not None)
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        patch_scales: torch.Tensor | None = None,
+        patch_positions: torch.Tensor | None = None,
+        tokens_per_image: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Any,
+    ) -> AptModelOutput:
+        r"""
+        pixel_values: dense `(B, C, H, W)` normalized images, or the processor's base patches `(N, C, p, p)`.
+        patch_scales, patch_positions, tokens_per_image, image_grid_hw: the processor's layout (packed input).
+        interpolate_pos_encoding: allow image sizes other than config.image_size (as the stock model).
+        """
+        _check_no_attentions(kwargs)
+        layout_inputs = {"patch_scales": patch_scales, "patch_positions": patch_positions,
+                         "tokens_per_image": tokens_per_image, "image_grid_hw": image_grid_hw}
+        hidden, layout, cu_seqlens = _embed_packed(self.embeddings, pixel_values, layout_inputs,
+                                                   interpolate_pos_encoding)
+        mask, attn_kwargs = self._packed_attention_kwargs(cu_seqlens, hidden)
+        for layer in self.layers:
+            hidden = layer(hidden, mask, **attn_kwargs, **kwargs)
+        sequence_output = self.layernorm(hidden)
+        cls_states = sequence_output[:, _cls_rows(cu_seqlens)]  # (1, B, D)
+        pooled_output = self.pooler(cls_states.transpose(0, 1)) if self.pooler is not None else None
+        return AptModelOutput(last_hidden_state=sequence_output, pooler_output=pooled_output,
+                              **_layout_fields(layout, cu_seqlens))
+
+
+class AptViTForImageClassification(AptPreTrainedMixin, ViTPreTrainedModel):
+    """`ViTForImageClassification` with adaptive patches: logits from each image's CLS token."""
+
+    config_class = AptViTConfig
+    config: AptViTConfig
+    _no_split_modules = ["AptViTEmbeddings", "ViTLayer"]
+    _can_record_outputs = {"hidden_states": ViTLayer}
+    _stock_class = ViTForImageClassification
+    _apt_auto_classes = ("AutoModel", "AutoModelForImageClassification")
+
+    def __init__(self, config: AptViTConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit = AptViTModel(config, add_pooling_layer=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @classmethod
+    def from_vit(cls, model_or_path: Any, **kwargs: Any) -> "AptViTForImageClassification":
+        """Convert a ViTForImageClassification (object, path or hub id), classifier included."""
+        return cls._from_stock(model_or_path, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        patch_scales: torch.Tensor | None = None,
+        patch_positions: torch.Tensor | None = None,
+        tokens_per_image: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Any,
+    ) -> AptImageClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): as `ViTForImageClassification`.
+        Other inputs: as `AptViTModel.forward`.
+        """
+        outputs = self.vit(pixel_values, patch_scales, patch_positions, tokens_per_image, image_grid_hw,
+                           interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        logits = self.classifier(outputs.last_hidden_state[0, _cls_rows(outputs.cu_seqlens)])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        return AptImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            **_layout_fields(outputs.layout, outputs.cu_seqlens),
+        )
+
+
+AptCLIPVisionModel.register_for_auto_class("AutoModel")
+AptViTModel.register_for_auto_class("AutoModel")
+AptViTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+
+def register_auto_classes() -> None:
+    """Register the APT configs and models with transformers' Auto classes (called by `import apt_hf`)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+    AutoConfig.register(AptCLIPVisionConfig.model_type, AptCLIPVisionConfig, exist_ok=True)
+    AutoConfig.register(AptViTConfig.model_type, AptViTConfig, exist_ok=True)
+    AutoModel.register(AptCLIPVisionConfig, AptCLIPVisionModel, exist_ok=True)
+    AutoModel.register(AptViTConfig, AptViTModel, exist_ok=True)
+    AutoModelForImageClassification.register(AptViTConfig, AptViTForImageClassification, exist_ok=True)
+
+
+__all__ = [
+    "AptCLIPVisionModel",
+    "AptViTModel",
+    "AptViTForImageClassification",
+    "AptPatchEmbeddings",
+    "AptModelOutput",
+    "AptImageClassifierOutput",
+    "packed_attention",
+    "document_block_mask",
+    "default_attn_implementation",
+    "split_per_image",
+    "drop_cls_tokens",
+    "expand_to_grid",
+    "register_auto_classes",
+]

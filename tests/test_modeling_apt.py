@@ -1,0 +1,416 @@
+"""AptCLIPVisionModel / AptViTModel / AptViTForImageClassification against transformers' own models (fp32)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+from apt_hf.configuration_apt import AptCLIPVisionConfig, AptViTConfig
+from apt_hf.image_processing_apt import AptImageProcessor
+from apt_hf.modeling_apt import (
+    AptCLIPVisionModel,
+    AptViTForImageClassification,
+    AptViTModel,
+    drop_cls_tokens,
+    expand_to_grid,
+    register_auto_classes,
+    split_per_image,
+)
+from apt_hf.patchify import PatchLayout, base_patch_index
+from apt_hf.sample_images import load_photos
+
+ATOL = 1e-5
+ATTN = ["eager", "sdpa", "flex_attention"]
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+CLIP_SIZE = {"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}}  # 8 x 8 grid of 8 px
+VIT_SIZE = {"size": {"shortest_edge": 56}, "crop_size": {"height": 56, "width": 56},  # 7 x 7 grid of 8 px
+            "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+MERGING = {"num_scales": 3, "thresholds": [5.0, 5.5]}  # merges at scales 1 and 2 on these photos at this size
+
+
+@pytest.fixture(scope="module")
+def photos():
+    # Three photos: a few padded lengths only, so CPU flex attention compiles a few static shapes.
+    return list(load_photos(("astronaut.png", "rocket.jpg", "hubble_deep_field.jpg")).values())
+
+
+def stock_clip(attn: str = "sdpa", seed: int = 0) -> CLIPVisionModel:
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(**TINY, image_size=64, patch_size=8, attn_implementation=attn)
+    return CLIPVisionModel(config).eval()
+
+
+def stock_vit(attn: str = "sdpa", seed: int = 0, cls=ViTModel, **extra) -> ViTModel:
+    torch.manual_seed(seed)
+    config = ViTConfig(**TINY, image_size=56, patch_size=8, attn_implementation=attn, **extra)
+    return cls(config).eval()
+
+
+def dense_and_packed(photos, sizes: dict, **apt_fields):
+    """Stock CLIP processor pixels (dense) and AptImageProcessor's packed BatchFeature for the same photos."""
+    dense = CLIPImageProcessorPil(**sizes)(photos, return_tensors="pt")["pixel_values"]
+    packed = AptImageProcessor(**sizes, patch_size=8, **apt_fields)(photos, return_tensors="pt")
+    return dense, dict(packed)
+
+
+def per_image(states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return torch.stack(split_per_image(states, cu_seqlens))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Exactness with nothing merged
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", ["clip", "vit"])
+def test_nothing_merged_equals_stock(photos, family, attn):
+    if family == "clip":
+        stock, sizes = stock_clip(attn), CLIP_SIZE
+        apt = AptCLIPVisionModel.from_clip(stock, thresholds=[-1], attn_implementation=attn)
+    else:
+        stock, sizes = stock_vit(attn), VIT_SIZE
+        apt = AptViTModel.from_vit(stock, thresholds=[-1], attn_implementation=attn)
+    assert apt.config._attn_implementation == attn
+    dense, packed = dense_and_packed(photos, sizes, thresholds=[-1])
+    with torch.no_grad():
+        want = stock(dense, output_hidden_states=True)
+        for inputs in (packed, {"pixel_values": dense}):
+            got = apt(**inputs, output_hidden_states=True)
+            assert got.last_hidden_state.shape == (1, want.last_hidden_state.numel() // 32, 32)
+            assert got.cu_seqlens.dtype == torch.int32 and got.cu_seqlens.shape == (len(photos) + 1,)
+            torch.testing.assert_close(per_image(got.last_hidden_state, got.cu_seqlens), want.last_hidden_state,
+                                       atol=ATOL, rtol=0)
+            torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=ATOL, rtol=0)
+            assert len(got.hidden_states) == len(want.hidden_states) == 3
+            for g, w in zip(got.hidden_states, want.hidden_states, strict=True):
+                torch.testing.assert_close(per_image(g, got.cu_seqlens), w, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["clip", "vit"])
+def test_other_image_sizes_interpolate_like_stock(family):
+    """Non-native, non-square sizes: stock interpolate_pos_encoding behaviour; refused without it."""
+    torch.manual_seed(1)
+    if family == "clip":
+        stock = stock_clip()
+        apt = AptCLIPVisionModel.from_clip(stock, thresholds=[-1])
+        x = torch.randn(2, 3, 48, 80)
+    else:
+        stock = stock_vit()
+        apt = AptViTModel.from_vit(stock, thresholds=[-1])
+        x = torch.randn(2, 3, 40, 72)
+    with torch.no_grad():
+        want = stock(x, interpolate_pos_encoding=True)
+        got = apt(x, interpolate_pos_encoding=True)
+    torch.testing.assert_close(per_image(got.last_hidden_state, got.cu_seqlens), want.last_hidden_state,
+                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        apt(x)
+
+
+def test_vit_classifier_equals_stock(photos):
+    stock = stock_vit(cls=ViTForImageClassification, num_labels=5)
+    apt = AptViTForImageClassification.from_vit(stock, thresholds=[-1])
+    dense, packed = dense_and_packed(photos, VIT_SIZE, thresholds=[-1])
+    labels = torch.arange(len(photos)) % 5
+    with torch.no_grad():
+        want = stock(dense, labels=labels)
+        got = apt(**packed, labels=labels)
+    torch.testing.assert_close(got.logits, want.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.loss, want.loss, atol=ATOL, rtol=0)
+    assert got.cu_seqlens.tolist() == [50 * i for i in range(len(photos) + 1)]
+
+
+def test_from_clip_accepts_full_clip_and_paths(tmp_path):
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPModel.config_class(vision_config={**TINY, "image_size": 64, "patch_size": 8},
+                                            text_config={**TINY, "vocab_size": 99})).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    from_object = AptCLIPVisionModel.from_clip(clip, thresholds=[-1])
+    from_path = AptCLIPVisionModel.from_clip(str(tmp_path / "clip"), thresholds=[-1])
+    for model in (from_object, from_path):
+        for name, tensor in clip.vision_model.state_dict().items():
+            assert torch.equal(model.state_dict()[name], tensor), name
+    assert not from_path.training
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Eq. 2 with merging, independence, grid view
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_merged_token_embedding_is_resize_plus_position():
+    """At init (ZeroMLP = 0): scale-s token = E(bilinear resize of its block to p) + pos_s; scale 0 = stock."""
+    stock = stock_vit()
+    apt = AptViTModel.from_vit(stock, num_scales=3, thresholds=[1.0, 1.0], image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    stock_embed = stock.embeddings
+    torch.manual_seed(3)
+    img = torch.rand(1, 3, 64, 64)  # 8 x 8 grid: flat 32 px block -> scale 2, flat 16 px blocks -> scale 1
+    img[:, :, :32, :32] = 0.25
+    img[:, :, 32:48, 32:48] = 0.75
+    img = torch.round(img * 255) / 255
+    x = (img - 0.5) / 0.5
+    with torch.no_grad():
+        out = apt(x, interpolate_pos_encoding=True, output_hidden_states=True)
+    embeddings = out.hidden_states[0][0]
+    scales, positions = out.patch_scales, out.patch_positions
+    assert set(scales.tolist()) == {0, 1, 2}
+
+    d, p, n = 32, 8, 7
+    conv = stock_embed.patch_embeddings.projection
+    table = stock_embed.position_embeddings[0, 1:].reshape(1, n, n, d).permute(0, 3, 1, 2)
+    pos = {0: F.interpolate(table, size=(8, 8), mode="bicubic", align_corners=False)}
+    for s in (1, 2):
+        pos[s] = F.interpolate(table, size=(8 >> s, 8 >> s), mode="bicubic", align_corners=False, antialias=True)
+    cls = stock_embed.cls_token[0, 0] + stock_embed.position_embeddings[0, 0]
+    torch.testing.assert_close(embeddings[0], cls, atol=ATOL, rtol=0)
+    for t, (s, (r, c)) in enumerate(zip(scales.tolist(), positions.tolist(), strict=True)):
+        side = p << s
+        block = x[:, :, r * p: r * p + side, c * p: c * p + side]
+        if s:
+            block = F.interpolate(block, size=(p, p), mode="bilinear", align_corners=False, antialias=False)
+        want = conv(block).flatten() + pos[s][0, :, r >> s, c >> s]
+        torch.testing.assert_close(embeddings[t + 1], want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_outputs_do_not_depend_on_batch_mates(photos, attn):
+    apt = AptCLIPVisionModel.from_clip(stock_clip(attn), attn_implementation=attn, **MERGING)
+    torch.nn.init.normal_(apt.embeddings.zero_mlp.weight, std=0.1)  # exercise the merge branch too
+    _, packed = dense_and_packed(photos, CLIP_SIZE, **MERGING)
+    counts = packed["tokens_per_image"]
+    assert len(set(counts.tolist())) > 1 and (counts < 64).any()
+    with torch.no_grad():
+        together = apt(**packed)
+        alone = [apt(**dense_and_packed([photo], CLIP_SIZE, **MERGING)[1]) for photo in photos]
+    for i, single in enumerate(alone):
+        torch.testing.assert_close(split_per_image(together.last_hidden_state, together.cu_seqlens)[i],
+                                   single.last_hidden_state[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(together.pooler_output[i], single.pooler_output[0], atol=ATOL, rtol=0)
+
+
+def test_grid_view_and_helpers(photos):
+    stock = stock_clip()
+    apt = AptCLIPVisionModel.from_clip(stock, **MERGING)
+    _, packed = dense_and_packed(photos, CLIP_SIZE, **MERGING)
+    with torch.no_grad():
+        out = apt(**packed)
+    grid = out.to_grid()
+    assert grid.shape == (len(photos), 64, 32)
+    layout = PatchLayout(out.patch_scales, out.patch_positions, out.tokens_per_image, out.image_grid_hw)
+    tokens = drop_cls_tokens(out.last_hidden_state, out.cu_seqlens)
+    assert tokens.shape == (int(out.tokens_per_image.sum()), 32)
+    cell, token = base_patch_index(layout)
+    torch.testing.assert_close(grid.reshape(-1, 32)[cell], tokens[token])
+    assert torch.equal(expand_to_grid(tokens, layout, has_cls=False), grid)
+    assert [t.shape[0] for t in out.per_image(drop_cls=True)] == out.tokens_per_image.tolist()
+    # With nothing merged the grid view is the stock token map.
+    flat = AptCLIPVisionModel.from_clip(stock, thresholds=[-1])
+    dense, packed = dense_and_packed(photos, CLIP_SIZE, thresholds=[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(flat(**packed).to_grid(), stock(dense).last_hidden_state[:, 1:], atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _grads(model, inputs) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    out = model(**inputs)
+    (out.pooler_output.square().sum() + out.last_hidden_state.square().mean()).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_new_parameters_get_gradients_and_checkpointing_matches(photos):
+    apt = AptCLIPVisionModel.from_clip(stock_clip(), **MERGING).train()
+    names = [name for name, _ in apt.named_apt_parameters()]
+    assert names == ["embeddings.merge_conv.weight", "embeddings.merge_conv.bias", "embeddings.zero_mlp.weight",
+                     "embeddings.zero_mlp.bias"]
+    assert len(apt.apt_parameters()) == 4
+    assert not apt.embeddings.zero_mlp.weight.any() and not apt.embeddings.zero_mlp.bias.any()
+    bound = 1 / math.sqrt(32 * 4)  # PyTorch's default Conv2d init
+    assert apt.embeddings.merge_conv.weight.abs().max() <= bound and apt.embeddings.merge_conv.weight.std() > 0
+    _, packed = dense_and_packed(photos, CLIP_SIZE, **MERGING)
+
+    grads = _grads(apt, packed)
+    assert grads["embeddings.zero_mlp.weight"].abs().sum() > 0
+    assert "embeddings.merge_conv.weight" in grads  # reached, zero while the zero-MLP is zero
+    torch.nn.init.normal_(apt.embeddings.zero_mlp.weight, std=0.1)
+    grads = _grads(apt, packed)
+    assert grads["embeddings.merge_conv.weight"].abs().sum() > 0
+    assert grads["embeddings.patch_embedding.weight"].abs().sum() > 0
+
+    apt.gradient_checkpointing_enable()
+    checkpointed = _grads(apt, packed)
+    assert checkpointed.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs(photos, dtype):
+    apt = AptViTModel.from_vit(stock_vit(), **MERGING)
+    _, packed = dense_and_packed(photos, VIT_SIZE, **MERGING)
+    with torch.no_grad():
+        want = apt(**packed).last_hidden_state
+        got = apt.to(dtype)(**packed).last_hidden_state
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+
+
+def test_compiled_encoder_matches_eager(photos):
+    apt = AptCLIPVisionModel.from_clip(stock_clip(), **MERGING)
+    batches = [dense_and_packed(photos[i:i + 2], CLIP_SIZE, **MERGING)[1] for i in (0, 2)]
+    with torch.no_grad():
+        want = [apt(**b).last_hidden_state for b in batches]
+        apt.encoder = torch.compile(apt.encoder, backend="aot_eager", dynamic=True)
+        got = [apt(**b).last_hidden_state for b in batches]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Attention implementation, saving, loading
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_attn_implementation_switches_at_run_time(photos):
+    apt = AptCLIPVisionModel.from_clip(stock_clip(), **MERGING)
+    _, packed = dense_and_packed(photos, CLIP_SIZE, **MERGING)
+    with torch.no_grad():
+        reference = apt(**packed).last_hidden_state
+        for attn in ("eager", "flex_attention", "sdpa"):
+            apt.set_attn_implementation(attn)
+            assert apt.config._attn_implementation == attn
+            assert apt.encoder.layers[0].self_attn.config._attn_implementation == "apt_packed"
+            torch.testing.assert_close(apt(**packed).last_hidden_state, reference, atol=ATOL, rtol=0)
+
+
+def test_save_load_round_trip(tmp_path, photos):
+    register_auto_classes()
+    apt = AptViTForImageClassification.from_vit(stock_vit(cls=ViTForImageClassification, num_labels=3), **MERGING)
+    torch.nn.init.normal_(apt.vit.embeddings.zero_mlp.weight, std=0.1)
+    apt.save_pretrained(tmp_path)
+    saved = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_apt.py", "configuration_apt.py", "patchify.py"} <= saved
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, AptViTConfig) and config.thresholds == [5.0, 5.5] and config.num_scales == 3
+    assert config.auto_map == {
+        "AutoConfig": "configuration_apt.AptViTConfig",
+        "AutoModel": "modeling_apt.AptViTModel",
+        "AutoModelForImageClassification": "modeling_apt.AptViTForImageClassification",
+    }
+    _, packed = dense_and_packed(photos, VIT_SIZE, **MERGING)
+    with torch.no_grad():
+        want = apt(**packed)
+        loaded = AutoModelForImageClassification.from_pretrained(tmp_path, attn_implementation="eager")
+        assert type(loaded) is AptViTForImageClassification and loaded.config._attn_implementation == "eager"
+        torch.testing.assert_close(loaded(**packed).logits, want.logits, atol=ATOL, rtol=0)
+        base = AutoModel.from_pretrained(tmp_path)
+        assert type(base) is AptViTModel
+        torch.testing.assert_close(base(**packed).last_hidden_state, apt.vit(**packed).last_hidden_state,
+                                   atol=ATOL, rtol=0)
+    clip = AptCLIPVisionModel.from_clip(stock_clip(), **MERGING)
+    clip.save_pretrained(tmp_path / "clip")
+    again = AptCLIPVisionModel.from_pretrained(tmp_path / "clip")
+    assert isinstance(again.config, AptCLIPVisionConfig)
+    for name, tensor in clip.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_input_setup(photos):
+    apt = AptCLIPVisionModel.from_clip(stock_clip(), **MERGING)
+    return apt, dense_and_packed(photos[:2], CLIP_SIZE, **MERGING)
+
+
+def _edited(packed, **changes):
+    return {**packed, **changes}
+
+
+@pytest.mark.parametrize("case, match", [
+    ("not_multiple", "multiples of patch_size=8"),
+    ("other_size", "interpolate_pos_encoding=True"),
+    ("channels_dense", "expected 3 channels"),
+    ("channels_packed", "expected 3 channels"),
+    ("missing_keys", "missing"),
+    ("counts", "tokens_per_image"),
+    ("off_grid", "patch_positions"),
+    ("scale_too_big", "patch_scales"),
+    ("patch_count", "base patches"),
+    ("patch_shape", r"\(N, 3, 8, 8\)"),
+    ("float_keys", "integer tensor"),
+    ("attentions", "output_attentions"),
+])
+def test_bad_input_raises_clear_error(bad_input_setup, case, match):
+    apt, (dense, packed) = bad_input_setup
+    scales = packed["patch_scales"]
+    inputs = {
+        "not_multiple": {"pixel_values": dense[:, :, :60]},
+        "other_size": {"pixel_values": F.pad(dense, (0, 8, 0, 8))},
+        "channels_dense": {"pixel_values": dense[:, :2]},
+        "channels_packed": _edited(packed, pixel_values=packed["pixel_values"][:, :1]),
+        "missing_keys": {"pixel_values": packed["pixel_values"], "patch_scales": scales},
+        "counts": _edited(packed, tokens_per_image=packed["tokens_per_image"] + 1),
+        "off_grid": _edited(packed, patch_positions=packed["patch_positions"] + 8),
+        "scale_too_big": _edited(packed, patch_scales=torch.full_like(scales, 3)),
+        "patch_count": _edited(packed, pixel_values=packed["pixel_values"][:-1]),
+        "patch_shape": _edited(packed, pixel_values=packed["pixel_values"].reshape(-1, 3, 4, 16)),
+        "float_keys": _edited(packed, patch_scales=scales.float()),
+        "attentions": {**packed, "output_attentions": True},
+    }[case]
+    with pytest.raises(ValueError, match=match):
+        apt(**inputs)
+
+
+@pytest.mark.parametrize("attn, match", [
+    ("flash_attention_2", "flash-attn"),
+    ("varlen", "varlen"),
+    ("apt_packed", "internal"),
+])
+def test_unavailable_attn_implementation_says_what_to_install(attn, match):
+    if attn == "flash_attention_2" and torch.cuda.is_available():
+        pytest.skip("CUDA present: flash-attn may be installable here")
+    if attn == "varlen" and torch.cuda.is_available():
+        pytest.skip("CUDA present: varlen may be available")
+    apt = AptCLIPVisionModel.from_clip(stock_clip())
+    with pytest.raises(ValueError, match=match):
+        apt.set_attn_implementation(attn)
+    with pytest.raises(ValueError, match=match):
+        AptCLIPVisionModel(AptCLIPVisionConfig(**TINY, image_size=64, patch_size=8, attn_implementation=attn))
+
+
+def test_default_attn_is_fastest_available():
+    apt = AptCLIPVisionModel(AptCLIPVisionConfig(**TINY, image_size=64, patch_size=8))
+    assert apt.config._attn_implementation == ("sdpa" if not torch.cuda.is_available() else
+                                               apt.config._attn_implementation)
+
+
+def test_conversion_refuses_wrong_models():
+    with pytest.raises(ValueError, match="CLIPVisionModel"):
+        AptCLIPVisionModel.from_clip(stock_vit())
+    with pytest.raises(ValueError, match="ViTModel"):
+        AptViTModel.from_vit(stock_clip())
+    with pytest.raises(ValueError, match="thresholds"):
+        AptViTModel.from_vit(stock_vit(), num_scales=3, thresholds=[1.0])
