@@ -93,7 +93,7 @@ def test_image_modes_are_converted_like_clip(photos, mode):
 
 
 def test_save_load_round_trip_and_auto(tmp_path, photos):
-    from transformers import AutoImageProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     import apt_hf  # noqa: F401  (registers the Auto classes)
 

@@ -1,1 +1,48 @@
-"""APT for Hugging Face transformers."""
+"""APT (Adaptive Patch Transformers, ICLR 2026) for Hugging Face transformers.
+
+`import apt_hf` registers every APT class with transformers' Auto classes; saved checkpoints also carry
+`auto_map` + code, so they load with `trust_remote_code=True` where apt_hf is not installed.
+"""
+
+from transformers.utils import is_torchvision_available
+
+from .configuration_apt import AptCLIPVisionConfig, AptLlavaConfig, AptViTConfig
+from .image_processing_apt import AptImageProcessor, AptImageProcessorPil
+from .modeling_apt import AptCLIPVisionModel, AptViTForImageClassification, AptViTModel
+from .modeling_apt import register_auto_classes as _register_vision
+from .modeling_apt_llava import AptLlavaForConditionalGeneration, AptLlavaModel
+from .modeling_apt_llava import register_auto_classes as _register_llava
+from .processing_apt_llava import AptLlavaProcessor
+
+__version__ = "0.1.0"
+
+
+def _register_processors() -> None:
+    from transformers import AutoProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level one needs torchvision
+
+    backends = {"pil": AptImageProcessorPil}
+    if is_torchvision_available():
+        backends["torchvision"] = AptImageProcessor
+    for config_class in (AptCLIPVisionConfig, AptViTConfig, AptLlavaConfig):
+        AutoImageProcessor.register(config_class, image_processor_classes=backends, exist_ok=True)
+    AutoProcessor.register(AptLlavaConfig, AptLlavaProcessor, exist_ok=True)
+
+
+_register_vision()
+_register_llava()
+_register_processors()
+
+__all__ = [
+    "AptCLIPVisionConfig",
+    "AptViTConfig",
+    "AptLlavaConfig",
+    "AptImageProcessor",
+    "AptImageProcessorPil",
+    "AptCLIPVisionModel",
+    "AptViTModel",
+    "AptViTForImageClassification",
+    "AptLlavaModel",
+    "AptLlavaForConditionalGeneration",
+    "AptLlavaProcessor",
+]

@@ -61,7 +61,7 @@ class AptImageProcessingMixin:
     def from_image_processor(cls, processor_or_path: Any, **apt_fields: Any) -> AptImageProcessingMixin:
         """Build from a CLIP / LLaVA image processor (object, local path or hub id) plus APT fields."""
         if isinstance(processor_or_path, str):
-            from transformers import AutoImageProcessor
+            from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
             processor_or_path = AutoImageProcessor.from_pretrained(processor_or_path)
         settings = processor_or_path.to_dict()
@@ -184,5 +184,9 @@ if is_torchvision_available():
 else:
     # As transformers does for its own processors: without torchvision the default name is the PIL backend.
     AptImageProcessor = AptImageProcessorPil  # type: ignore[misc]
+
+AptImageProcessorPil.register_for_auto_class("AutoImageProcessor")
+if AptImageProcessor is not AptImageProcessorPil:
+    AptImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = ["AptImageProcessor", "AptImageProcessorPil", "AptImageProcessorKwargs", "APT_IMAGE_KEYS"]

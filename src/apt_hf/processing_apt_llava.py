@@ -104,4 +104,6 @@ class AptLlavaProcessor(LlavaProcessor):
         super()._check_special_mm_tokens(text, text_inputs, modalities)
 
 
+AptLlavaProcessor.register_for_auto_class("AutoProcessor")
+
 __all__ = ["AptLlavaProcessor", "VISION_FEATURE_LAYOUTS"]

@@ -1,0 +1,209 @@
+"""APT-LLaVA against transformers' own LlavaForConditionalGeneration (tiny, fp32, built offline)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from apt_hf import AptLlavaConfig, AptLlavaForConditionalGeneration, AptLlavaProcessor
+from apt_hf.sample_images import load_photos
+from apt_hf.tiny import build_tiny_llava, tiny_vision_config
+
+PROMPT = "USER: <image>\nWhat is shown? ASSISTANT:"
+TWO_IMAGES = "USER: <image>\nand <image>\nWhat differs? ASSISTANT:"
+BACKENDS = ["eager", "sdpa", "flex_attention"]
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return list(load_photos().values())[:4]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_llava(vision=tiny_vision_config(image_size=112))
+
+
+def convert(stock, processor, layout, thresholds):
+    model = AptLlavaForConditionalGeneration.from_llava(stock, vision_feature_layout=layout, thresholds=thresholds)
+    apt_processor = AptLlavaProcessor.from_llava_processor(processor, vision_feature_layout=layout,
+                                                           thresholds=thresholds)
+    return model.eval(), apt_processor
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["packed", "grid"])
+def test_nothing_merged_equals_stock_logits(tiny, photos, layout, backend):
+    stock, processor = tiny
+    stock.set_attn_implementation(backend)
+    model, apt_processor = convert(stock, processor, layout, [-1])
+    assert model.config.vision_config._attn_implementation == backend
+    texts = [PROMPT, TWO_IMAGES, PROMPT]
+    images = [photos[0], photos[1], photos[2], photos[3]]
+    expected_inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    inputs = apt_processor(images=images, text=texts, return_tensors="pt", padding=True)
+    assert torch.equal(inputs["input_ids"], expected_inputs["input_ids"])  # same prompt, token for token
+    with torch.no_grad():
+        expected = stock(**expected_inputs).logits
+        got = model(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    stock.set_attn_implementation("sdpa")
+
+
+def test_merged_image_tokens_match_tower_output(tiny, photos):
+    stock, processor = tiny
+    model, apt_processor = convert(stock, processor, "packed", [5.75])
+    inputs = apt_processor(images=photos[:3], text=[TWO_IMAGES, PROMPT], return_tensors="pt", padding=True)
+    kept = inputs["tokens_per_image"]
+    assert (kept < 64).any(), "the photographs should merge at 112 px"
+    slots = (inputs["input_ids"] == model.config.image_token_id).sum(-1)
+    assert slots.tolist() == [int(kept[0] + kept[1]), int(kept[2])]
+    with torch.no_grad():
+        features = model.model.get_image_features(**{k: inputs[k] for k in (
+            "pixel_values", "patch_scales", "patch_positions", "tokens_per_image", "image_grid_hw")}).pooler_output
+        out = model(**inputs)
+    assert [f.shape[0] for f in features] == kept.tolist()
+    assert out.image_hidden_states.shape[0] == int(kept.sum())
+    # grid layout: stock LLaVA's counts, whatever merged
+    grid_model, grid_processor = convert(stock, processor, "grid", [5.75])
+    grid_inputs = grid_processor(images=photos[:3], text=[TWO_IMAGES, PROMPT], return_tensors="pt", padding=True)
+    assert (grid_inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist() == [128, 64]
+    with torch.no_grad():
+        assert grid_model(**grid_inputs).image_hidden_states.shape[0] == 192
+
+
+@pytest.mark.parametrize("layout", ["packed", "grid"])
+def test_batched_generation_equals_one_by_one(tiny, photos, layout):
+    stock, processor = tiny
+    model, apt_processor = convert(stock, processor, layout, [5.75])
+    texts, images = [PROMPT, TWO_IMAGES, "USER: Hello there? ASSISTANT:"], [photos[0], photos[1], photos[2]]
+    batch = apt_processor(images=images, text=texts, return_tensors="pt", padding=True)
+    assert apt_processor.tokenizer.padding_side == "left"
+    generated = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, -6:]
+    singles = [
+        apt_processor(images=[photos[0]], text=[PROMPT], return_tensors="pt"),
+        apt_processor(images=[photos[1], photos[2]], text=[TWO_IMAGES], return_tensors="pt"),
+        apt_processor(text=["USER: Hello there? ASSISTANT:"], return_tensors="pt"),  # text only
+    ]
+    for row, single in zip(generated, singles, strict=True):
+        assert torch.equal(row, model.generate(**single, max_new_tokens=6, do_sample=False)[0, -6:])
+
+
+def test_beam_search_and_sampling_expand_images_with_their_prompt(tiny, photos):
+    stock, processor = tiny
+    model, apt_processor = convert(stock, processor, "packed", [5.75])
+    texts, images = [TWO_IMAGES, PROMPT], photos[:3]
+    batch = apt_processor(images=images, text=texts, return_tensors="pt", padding=True)
+    beams = model.generate(**batch, max_new_tokens=4, num_beams=3, do_sample=False)[:, -4:]
+    first = apt_processor(images=photos[:2], text=[TWO_IMAGES], return_tensors="pt")
+    second = apt_processor(images=photos[2:3], text=[PROMPT], return_tensors="pt")
+    for row, single in zip(beams, (first, second), strict=True):
+        assert torch.equal(row, model.generate(**single, max_new_tokens=4, num_beams=3, do_sample=False)[0, -4:])
+    torch.manual_seed(0)
+    sampled = model.generate(**batch, max_new_tokens=3, do_sample=True, num_return_sequences=2)
+    assert sampled.shape[0] == 4
+
+
+def test_kv_cache_uses_images_only_at_prefill(tiny, photos):
+    stock, processor = tiny
+    model, apt_processor = convert(stock, processor, "packed", [5.75])
+    batch = apt_processor(images=photos[:1], text=[PROMPT], return_tensors="pt")
+    seen = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *args: seen.append(1))
+    with_cache = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    hook.remove()
+    assert len(seen) == 1
+    without_cache = model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_remote_code_round_trip_without_apt_hf(tmp_path, tiny, photos):
+    stock, processor = tiny
+    model, apt_processor = convert(stock, processor, "packed", [5.75])
+    model.save_pretrained(tmp_path)
+    apt_processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"].endswith("AptLlavaForConditionalGeneration")
+    assert {"modeling_apt_llava.py", "modeling_apt.py", "configuration_apt.py", "patchify.py",
+            "processing_apt_llava.py", "image_processing_apt.py"} <= set(os.listdir(tmp_path))
+    batch = apt_processor(images=photos[:2], text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    torch.save(expected, tmp_path / "expected.pt")
+    photo_dir = str(load_photos.__globals__["photo_folder"]())
+    code = f"""
+import sys
+sys.modules["apt_hf"] = None  # apt_hf cannot be imported: only the checkpoint's own code is available
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+path = {str(tmp_path)!r}
+config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+assert type(model).__name__ == "AptLlavaForConditionalGeneration" and config.vision_feature_layout == "packed"
+images = [Image.open({photo_dir!r} + "/" + n).convert("RGB") for n in ("astronaut.png", "chelsea.png")]
+batch = processor(images=images, text=[{PROMPT!r}] * 2, return_tensors="pt", padding=True)
+with torch.no_grad():
+    logits = model(**batch).logits
+torch.testing.assert_close(logits, torch.load(path + "/expected.pt"), atol=0, rtol=0)
+print("remote ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote ok" in result.stdout
+
+
+def test_from_llava_keeps_every_weight_and_zero_inits_apt(tiny):
+    stock, _ = tiny
+    model = AptLlavaForConditionalGeneration.from_llava(stock, thresholds=[5.75])
+    stock_state = stock.state_dict()
+    new = {name for name, _ in model.named_apt_parameters()}
+    assert new and all("zero_mlp" in n or "merge_conv" in n for n in new)
+    for name, tensor in model.state_dict().items():
+        if name in new:
+            continue
+        assert torch.equal(tensor, stock_state[name]), name
+    for name, param in model.named_apt_parameters():
+        assert not param.is_meta
+        if "zero_mlp" in name:
+            assert torch.count_nonzero(param) == 0
+    assert isinstance(model.config, AptLlavaConfig) and model.config.thresholds == [5.75]
+
+
+def test_config_fields_and_defaults():
+    config = AptLlavaConfig()
+    assert (config.num_scales, config.thresholds, config.vision_feature_layout) == (2, [5.75], "packed")
+    assert config.vision_config.image_size == 336 and config.vision_config.patch_size == 14
+    three = AptLlavaConfig(num_scales=3, thresholds=[5.5, 4.0], scorer="laplacian")
+    assert three.vision_config.thresholds == [5.5, 4.0] and three.scorer == "laplacian"
+    with pytest.raises(ValueError, match="vision_feature_layout"):
+        AptLlavaConfig(vision_feature_layout="dense")
+    with pytest.raises(ValueError, match="thresholds"):
+        AptLlavaConfig(thresholds=[1.0, 2.0])
+
+
+def test_bad_inputs_raise_clear_errors(tiny, photos):
+    stock, processor = tiny
+    model, apt_processor = convert(stock, processor, "packed", [5.75])
+    with pytest.raises(ValueError, match=r"images: got 2 image\(s\) but the text has 1 <image>"):
+        apt_processor(images=photos[:2], text=[PROMPT])
+    with pytest.raises(ValueError, match=r"max_length: truncation would cut image tokens.*max_length >= \d+"):
+        apt_processor(images=photos[:1], text=[PROMPT], truncation=True, max_length=8)
+    grid_processor = AptLlavaProcessor.from_llava_processor(processor, vision_feature_layout="grid",
+                                                            thresholds=[5.75])
+    mismatched = grid_processor(images=photos[:1], text=[PROMPT], return_tensors="pt")
+    with pytest.raises(ValueError, match="vision_feature_layout='packed'"):
+        model(**mismatched)
+    packed = apt_processor(images=photos[:1], text=[PROMPT], return_tensors="pt")
+    partial = {k: v for k, v in packed.items() if k != "patch_positions"}
+    with pytest.raises(ValueError, match="patch_positions"):
+        model(**partial)
+    with pytest.raises(ValueError, match="vision_feature_layout"):
+        AptLlavaProcessor.from_llava_processor(processor, vision_feature_layout="dense")
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration"):
+        AptLlavaForConditionalGeneration.from_llava(model)
