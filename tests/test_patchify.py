@@ -822,7 +822,7 @@ def resolve_thresholds(spec: list[tuple[str, float]], scores: list[dict[int, dic
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(case=apt_cases())
 def test_property_layout(case: dict, device: str) -> None:
     images = make_image(case["h"], case["w"], case["seed"], case["levels"], case["block"], case["batch"])
