@@ -414,3 +414,39 @@ def test_conversion_refuses_wrong_models():
         AptViTModel.from_vit(stock_clip())
     with pytest.raises(ValueError, match="thresholds"):
         AptViTModel.from_vit(stock_vit(), num_scales=3, thresholds=[1.0])
+
+
+def test_convert_script_end_to_end(tmp_path, photos):
+    """scripts/convert_to_apt.py on local CLIP and ViT checkpoints: with nothing merged, the stock outputs."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import ViTImageProcessorPil
+
+    from apt_hf.image_processing_apt import AptImageProcessorPil
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_to_apt", Path(__file__).parents[1] / "scripts" / "convert_to_apt.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    register_auto_classes()
+    clip = stock_clip()
+    clip.save_pretrained(tmp_path / "clip")
+    clip_processor = CLIPImageProcessorPil(**CLIP_SIZE)
+    clip_processor.save_pretrained(tmp_path / "clip")
+    vit = stock_vit(cls=ViTForImageClassification, num_labels=3)
+    vit.save_pretrained(tmp_path / "vit")
+    vit_processor = ViTImageProcessorPil(size={"height": 56, "width": 56})
+    vit_processor.save_pretrained(tmp_path / "vit")
+    cases = [(clip, clip_processor, "clip", AutoModel), (vit, vit_processor, "vit", AutoModelForImageClassification)]
+    for stock, stock_processor, name, auto in cases:
+        out = script.main(["--model", str(tmp_path / name), "--output_dir", str(tmp_path / f"apt_{name}"),
+                           "--thresholds", "-1"])
+        model = auto.from_pretrained(out)
+        processor = AptImageProcessorPil.from_pretrained(out)
+        assert model.config.thresholds == [-1.0] and processor.patch_size == 8
+        with torch.no_grad():
+            want = stock(stock_processor(photos, return_tensors="pt")["pixel_values"])
+            got = model(**processor(photos, return_tensors="pt"))
+        key = "pooler_output" if name == "clip" else "logits"
+        torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=0)

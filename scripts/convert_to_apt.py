@@ -1,0 +1,115 @@
+"""Convert a CLIP or ViT checkpoint to APT: weights (safetensors), config, image processor and remote code.
+
+    python scripts/convert_to_apt.py --model openai/clip-vit-large-patch14-336 --output_dir apt-clip-vit-l-336
+    python scripts/convert_to_apt.py --model google/vit-base-patch16-224 --output_dir apt-vit-b16-224 \\
+        --num_scales 3 --thresholds 5.5 4.0
+
+CLIP checkpoints (full CLIPModel or vision tower) give an AptCLIPVisionModel (the vision tower); ViT
+checkpoints give an AptViTForImageClassification when they have a classifier, else an AptViTModel. Every
+pretrained weight is kept; APT adds a merge conv and a zero-initialised MLP, so the converted model reproduces
+the stock one wherever nothing is merged. The output folder loads with `AutoModel` /
+`AutoModelForImageClassification` / `AutoImageProcessor` and `trust_remote_code=True`, or directly after
+`import apt_hf`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig
+from transformers.utils import logging
+
+from apt_hf.configuration_apt import DEFAULT_THRESHOLDS
+from apt_hf.image_processing_apt import AptImageProcessorPil
+from apt_hf.modeling_apt import AptCLIPVisionModel, AptViTForImageClassification, AptViTModel
+from apt_hf.patchify import SCORERS
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="hub id or local folder of a CLIP / CLIP vision / ViT model")
+    parser.add_argument("--output_dir", required=True, type=Path)
+    parser.add_argument("--num_scales", type=int, default=2)
+    parser.add_argument("--thresholds", type=float, nargs="*", default=None,
+                        help="num_scales - 1 values (default: the paper's, 5.5 for S=2, 5.5 4.0 for S=3)")
+    parser.add_argument("--scorer", choices=SCORERS, default="entropy")
+    parser.add_argument("--entropy_bins", type=int, default=512)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                        help="weights dtype to save (default: the checkpoint's)")
+    parser.add_argument("--revision", default=None)
+    return parser.parse_args(argv)
+
+
+def apt_fields(args: argparse.Namespace) -> dict[str, Any]:
+    thresholds = args.thresholds
+    if thresholds is None:
+        if args.num_scales not in DEFAULT_THRESHOLDS:
+            raise SystemExit(f"--thresholds: give {args.num_scales - 1} values for --num_scales {args.num_scales}")
+        thresholds = DEFAULT_THRESHOLDS[args.num_scales]
+    return {"num_scales": args.num_scales, "thresholds": list(thresholds), "scorer": args.scorer,
+            "entropy_bins": args.entropy_bins}
+
+
+def convert_model(model: str, fields: dict[str, Any], dtype: Any, revision: str | None):
+    """Load the stock checkpoint with its own transformers class and convert it (every weight kept)."""
+    config = AutoConfig.from_pretrained(model, revision=revision)
+    load = {"dtype": dtype, "revision": revision}
+    if config.model_type in ("clip", "clip_vision_model"):
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # a full CLIP checkpoint: its text tower is "unexpected" by design
+        try:
+            return AptCLIPVisionModel.from_clip(model, **fields, **load)
+        finally:
+            logging.set_verbosity(verbosity)
+    if config.model_type == "vit":
+        has_head = any(a.endswith("ForImageClassification") for a in (config.architectures or []))
+        cls = AptViTForImageClassification if has_head else AptViTModel
+        return cls.from_vit(model, **fields, **load)
+    if config.model_type.startswith("apt_"):
+        raise SystemExit(f"--model: {model} is already an APT checkpoint ({config.model_type})")
+    raise SystemExit(f"--model: expected a CLIP, CLIP vision or ViT checkpoint, got model_type={config.model_type!r}"
+                     " (LLaVA: AptLlavaForConditionalGeneration.from_llava)")
+
+
+def convert_processor(model: str, converted: Any, revision: str | None) -> AptImageProcessorPil:
+    """The checkpoint's own image processor settings plus the APT fields (a default one if it ships none)."""
+    config = converted.config
+    fields = {**config.apt_fields, "patch_size": int(config.patch_size)}
+    try:
+        from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+        stock = AutoImageProcessor.from_pretrained(model, revision=revision)
+    except (OSError, ValueError):
+        side = int(config.image_size)
+        print(f"no image processor in {model}: using resize + crop to {side} with the config's mean/std")
+        return AptImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                    image_mean=config.image_mean, image_std=config.image_std, **fields)
+    if "do_center_crop" not in stock.to_dict():  # e.g. ViT: plain resize; the LLaVA base would centre-crop
+        fields["do_center_crop"] = False
+    return AptImageProcessorPil.from_image_processor(stock, **fields)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    fields = apt_fields(args)
+    model = convert_model(args.model, fields, DTYPES[args.dtype], args.revision)
+    processor = convert_processor(args.model, model, args.revision)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    added = sum(p.numel() for p in model.apt_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{type(model).__name__} ({total / 1e6:.1f}M parameters, {added / 1e6:.2f}M new) and "
+          f"{type(processor).__name__} with {fields} written to {args.output_dir}")
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
