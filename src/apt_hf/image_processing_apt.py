@@ -85,21 +85,31 @@ class AptImageProcessingMixin:
         thresholds: list[float],
         scorer: str,
         entropy_bins: int,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: Any,
+        image_std: Any,
         return_tensors: str | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
+        """The backend's pad / resize / crop, scoring on that 8-bit image, then its own rescale / normalize."""
         thresholds = validate_apt_fields(num_scales, thresholds, scorer, entropy_bins, patch_size)
         for i, image in enumerate(images):
             _check_input_values(image, i)
-        processed = super()._preprocess(images, return_tensors=None, **kwargs)["pixel_values"]
-        pixels = [torch.as_tensor(np.asarray(p) if isinstance(p, np.ndarray) else p).float() for p in processed]
-        for i, p in enumerate(pixels):
-            if p.ndim != 3 or p.shape[0] != 3:
+        resized = super()._preprocess(images, do_rescale=False, rescale_factor=rescale_factor, do_normalize=False,
+                                      image_mean=image_mean, image_std=image_std, return_tensors=None, **kwargs)
+        resized = resized["pixel_values"]
+        for i, image in enumerate(resized):
+            if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"images: expected 3-channel (RGB) images after conversion, image {i} has shape "
-                                 f"{tuple(p.shape)}; pass do_convert_rgb=True or RGB images")
-            validate_image_size(p.shape[1], p.shape[2], patch_size, setting="size / crop_size (or do_center_crop)")
-        packed, layouts = _pack_in_order(pixels, self._recover_settings(kwargs), patch_size, num_scales,
-                                         thresholds, scorer, entropy_bins)
+                                 f"{tuple(image.shape)}; pass do_convert_rgb=True or RGB images")
+            validate_image_size(image.shape[1], image.shape[2], patch_size,
+                                setting="size / crop_size (or do_center_crop)")
+        pixels = [_as_float_tensor(self._rescale_and_normalize(image, do_rescale, rescale_factor, do_normalize,
+                                                               image_mean, image_std)) for image in resized]
+        eight_bit = [_as_uint8(torch.as_tensor(image), do_rescale) for image in resized]
+        packed, layouts = _pack_in_order(pixels, eight_bit, patch_size, num_scales, thresholds, scorer, entropy_bins)
         data = {
             "pixel_values": packed,
             "patch_scales": layouts.patch_scales,
@@ -109,17 +119,21 @@ class AptImageProcessingMixin:
         }
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    @staticmethod
-    def _recover_settings(settings: dict[str, Any]) -> dict[str, Any]:
-        """Arguments of `recover_uint8` for these settings (without do_rescale, inputs are taken as [0, 1])."""
-        normalize = settings.get("do_normalize")
-        return {
-            "image_mean": settings.get("image_mean") if normalize else None,
-            "image_std": settings.get("image_std") if normalize else None,
-            "rescale_factor": settings.get("rescale_factor") if settings.get("do_rescale") else 1 / 255,
-            "name": "images",
-            "check_finite": False,  # inputs were checked; resize and normalize keep finite values finite
-        }
+    def _rescale_and_normalize(self, image: Any, do_rescale: bool, rescale_factor: float, do_normalize: bool,
+                               image_mean: Any, image_std: Any) -> Any:
+        """Exactly what the backend's own `_preprocess` does after cropping (overridden per backend)."""
+        raise NotImplementedError
+
+
+def _as_float_tensor(image: Any) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image).float()
+
+
+def _as_uint8(image: torch.Tensor, do_rescale: bool) -> torch.Tensor:
+    """The 8-bit view of a resized image: itself, or float data in 0..255 (to be rescaled) or in [0, 1]."""
+    if image.dtype == torch.uint8:
+        return image
+    return recover_uint8(image, None, None, 1.0 if do_rescale else 1 / 255, name="images", check_finite=False)
 
 
 def _check_input_values(image: Any, index: int) -> None:
@@ -142,7 +156,7 @@ def _check_input_values(image: Any, index: int) -> None:
 
 def _pack_in_order(
     pixels: list[torch.Tensor],
-    recover: dict[str, Any],
+    eight_bit: list[torch.Tensor],
     patch_size: int,
     num_scales: int,
     thresholds: list[float],
@@ -155,10 +169,9 @@ def _pack_in_order(
         groups.setdefault(tuple(p.shape), []).append(i)
     per_image: list[tuple[torch.Tensor, PatchLayout]] = [None] * len(pixels)  # type: ignore[list-item]
     for members in groups.values():
-        batch = torch.stack([pixels[i] for i in members])
-        layout = compute_layout(recover_uint8(batch, **recover), patch_size, num_scales, thresholds, scorer,
-                                entropy_bins)
-        packed = pack_base_patches(batch, layout, patch_size)
+        layout = compute_layout(torch.stack([eight_bit[i] for i in members]), patch_size, num_scales, thresholds,
+                                scorer, entropy_bins)
+        packed = pack_base_patches(torch.stack([pixels[i] for i in members]), layout, patch_size)
         if len(groups) == 1:
             return packed, layout
         cells = (1 << (2 * layout.patch_scales)).split(layout.tokens_per_image.tolist())
@@ -174,12 +187,24 @@ def _pack_in_order(
 class AptImageProcessorPil(AptImageProcessingMixin, LlavaImageProcessorPil):
     """APT image processor on transformers' PIL backend (no torchvision needed)."""
 
+    def _rescale_and_normalize(self, image: np.ndarray, do_rescale: bool, rescale_factor: float,
+                               do_normalize: bool, image_mean: Any, image_std: Any) -> np.ndarray:
+        if do_rescale:
+            image = self.rescale(image, rescale_factor)
+        if do_normalize:
+            image = self.normalize(image, image_mean, image_std)
+        return image
+
 
 if is_torchvision_available():
     from transformers.models.llava.image_processing_llava import LlavaImageProcessor
 
     class AptImageProcessor(AptImageProcessingMixin, LlavaImageProcessor):
         """APT image processor on transformers' torchvision backend."""
+
+        def _rescale_and_normalize(self, image: torch.Tensor, do_rescale: bool, rescale_factor: float,
+                                   do_normalize: bool, image_mean: Any, image_std: Any) -> torch.Tensor:
+            return self.rescale_and_normalize(image, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
 
 else:
     # As transformers does for its own processors: without torchvision the default name is the PIL backend.

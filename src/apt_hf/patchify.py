@@ -14,6 +14,7 @@ Layout tensors (one row per token unless said otherwise):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -49,13 +50,13 @@ def validate_apt_fields(
     patch_size: int | None = None,
 ) -> list[float]:
     """Check the APT fields shared by configs and processors; return the thresholds as floats."""
-    if isinstance(num_scales, bool) or not isinstance(num_scales, int) or num_scales < 1:
+    if not _is_int(num_scales) or num_scales < 1:
         raise ValueError(f"num_scales: expected an int >= 1, got {num_scales!r}")
-    if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1):
+    if patch_size is not None and (not _is_int(patch_size) or patch_size < 1):
         raise ValueError(f"patch_size: expected an int >= 1, got {patch_size!r}")
     if scorer not in SCORERS:
         raise ValueError(f"scorer: expected one of {SCORERS}, got {scorer!r}")
-    if isinstance(entropy_bins, bool) or not isinstance(entropy_bins, int) or entropy_bins < 2:
+    if not _is_int(entropy_bins) or entropy_bins < 2:
         raise ValueError(f"entropy_bins: expected an int >= 2, got {entropy_bins!r}")
     thresholds = [] if thresholds is None else list(thresholds)
     if len(thresholds) != num_scales - 1:
@@ -65,10 +66,15 @@ def validate_apt_fields(
         )
     out = []
     for t in thresholds:
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t):
             raise ValueError(f"thresholds: expected finite numbers, got {thresholds!r}")
         out.append(float(t))
     return out
+
+
+def _is_int(value: object) -> bool:
+    """An integer, Python's or numpy's, but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def validate_image_size(height: int, width: int, patch_size: int, setting: str = "size / crop_size") -> None:
@@ -125,13 +131,13 @@ def _gray_1e4(images: torch.Tensor) -> torch.Tensor:
 
 
 def _gray_levels(images: torch.Tensor, bins: int) -> torch.Tensor:
-    """floor(gray * bins / 256) clipped to bins - 1, in exact integer arithmetic."""
-    g = math.gcd(bins, 256 * 10_000)
-    num, den = bins // g, 256 * 10_000 // g
-    gray = _gray_1e4(images)
-    if num * 2_549_745 >= 2**31:
-        gray = gray.long()
-    return torch.clamp(gray * num // den, max=bins - 1)
+    """floor(gray * bins / 256) clipped to bins - 1, exactly.
+
+    gray * 1e4 * bins and 256e4 are integers below 2**53, so float64 holds them exactly; a correctly rounded
+    quotient below `bins` cannot cross an integer (its distance to one is >= 1 / 256e4 >> bins * 2**-53).
+    """
+    gray = _gray_1e4(images).to(torch.float64)
+    return torch.clamp(torch.floor(gray * bins / (256 * 10_000)), max=bins - 1).to(torch.int32)
 
 
 def _full_grid(cells: int, factor: int) -> int:
@@ -273,6 +279,8 @@ def compute_layout(
     thresholds = validate_apt_fields(num_scales, thresholds, scorer, entropy_bins, patch_size)
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images: expected (batch, 3, height, width), got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and images.numel() and (images.min() < 0 or images.max() > 255):
+        raise ValueError(f"images: expected 8-bit values 0..255, got range [{images.min()}, {images.max()}]")
     h, w = images.shape[-2:]
     validate_image_size(h, w, patch_size)
     rows, cols = h // patch_size, w // patch_size
@@ -373,6 +381,9 @@ def validate_layout(
             f"patch_scales / patch_positions: tokens must tile every image grid exactly once "
             f"({int(grid.prod(-1).sum())} base cells), but they cover {cells} cells with overlaps or gaps"
         )
+    raster = pos[:, 0] * grid[img, 1] + pos[:, 1]
+    if ((raster[1:] <= raster[:-1]) & (img[1:] == img[:-1])).any():
+        raise ValueError("patch_positions: expected tokens in raster order of their top-left cell within each image")
     if num_base_patches is not None and num_base_patches != cells:
         raise ValueError(
             f"pixel_values: expected {cells} base patches (4**scale per token), got {num_base_patches}"
