@@ -340,15 +340,20 @@ class _LayoutFields:
     def layout(self) -> PatchLayout:
         return PatchLayout(self.patch_scales, self.patch_positions, self.tokens_per_image, self.image_grid_hw)
 
+    def _states(self, hidden_states: torch.Tensor | None) -> torch.Tensor:
+        states = getattr(self, "last_hidden_state", None) if hidden_states is None else hidden_states
+        if states is None:
+            raise ValueError("hidden_states: this output has no last_hidden_state; pass packed states, e.g. "
+                             "outputs.hidden_states[-1] (run with output_hidden_states=True)")
+        return states
+
     def per_image(self, hidden_states: torch.Tensor | None = None, drop_cls: bool = False) -> list[torch.Tensor]:
         """Split packed states (default: last_hidden_state) per image: [(L_i, D)], CLS first unless dropped."""
-        states = self.last_hidden_state if hidden_states is None else hidden_states
-        return split_per_image(states, self.cu_seqlens, drop_cls=drop_cls)
+        return split_per_image(self._states(hidden_states), self.cu_seqlens, drop_cls=drop_cls)
 
     def to_grid(self, hidden_states: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Grid view (paper §3.3) of packed states (default: last_hidden_state); see `expand_to_grid`."""
-        states = self.last_hidden_state if hidden_states is None else hidden_states
-        return expand_to_grid(states, self.layout)
+        return expand_to_grid(self._states(hidden_states), self.layout)
 
 
 @dataclass
@@ -380,10 +385,6 @@ class AptImageClassifierOutput(_LayoutFields, ImageClassifierOutput):
     patch_positions: torch.Tensor | None = None
     tokens_per_image: torch.Tensor | None = None
     image_grid_hw: torch.Tensor | None = None
-
-    @property
-    def last_hidden_state(self) -> torch.Tensor | None:
-        return self.hidden_states[-1] if self.hidden_states else None
 
 
 def split_per_image(

@@ -1,0 +1,241 @@
+"""Stock ViT / CLIP vision tower vs APT on real photographs, in one run: tokens kept, ideal and measured speedup.
+
+    python scripts/benchmark.py vision                                  # CPU: ViT-B/16 at 384, S=2 [5.5]
+    python scripts/benchmark.py vision --family clip --size large --image_size 336 --patch_size 14 \\
+        --device cuda --dtype bfloat16 --batch 64 --attn sdpa flex_attention varlen flash_attention_2
+
+Models are built from configs with random weights (timing does not depend on the values; pass --model for a
+real checkpoint). The photos (scikit-image's bundled set, repeated to --batch) go through AptImageProcessor;
+the stock model gets exactly the same pixels, dense. Rows:
+  - APT [-1]: nothing merged, packed input: the overhead of APT's machinery (goal <= 2%);
+  - APT: the chosen thresholds, packed input (the processor's output): measured speedup vs the ideal one
+    (goal: measured >= 90% of ideal);
+  - APT dense: the same from dense pixel_values, patchifying on the device inside forward.
+Ideal speedup = FLOP ratio from token counts: per layer 12 n D^2 (projections + MLP) + 2 n^2 D (attention) with
+n tokens per image, plus the patch embedding and, for APT, its merge conv / zero-MLP / resized-patch embedding.
+Times are medians over --repeats forward passes after a warm-up, stock and APT interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import transformers
+
+from ..patchify import PatchLayout, unpack_base_patches
+from ..sample_images import PHOTOS, load_photos
+
+SIZES = {  # hidden, layers, heads, mlp
+    "tiny": (192, 12, 3, 768),
+    "small": (384, 12, 6, 1536),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+    "huge": (1280, 32, 16, 5120),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="benchmark.py vision", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=("vit", "clip"), default="vit")
+    parser.add_argument("--size", choices=sorted(SIZES), default="base")
+    parser.add_argument("--image_size", type=int, default=384)
+    parser.add_argument("--patch_size", type=int, default=16)
+    parser.add_argument("--model", default=None, help="a real checkpoint (CLIP / ViT) instead of random weights")
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--attn", nargs="*", default=None,
+                        help="attention implementations to time APT with (default: the device's default)")
+    parser.add_argument("--num_scales", type=int, default=2)
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[5.5])
+    parser.add_argument("--scorer", default="entropy")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: all)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.batch < 1:
+        parser.error("--repeats and --batch: expected >= 1")
+    return args
+
+
+def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    """(stock, APT) sharing the same weights, and the stock config."""
+    from ..modeling_apt import AptCLIPVisionModel, AptViTModel
+
+    fields = {"num_scales": args.num_scales, "thresholds": args.thresholds, "scorer": args.scorer}
+    if args.family == "vit":
+        from transformers import ViTConfig, ViTModel
+
+        if args.model:
+            stock = ViTModel.from_pretrained(args.model, add_pooling_layer=False)
+        else:
+            hidden, layers, heads, mlp = SIZES[args.size]
+            config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                               intermediate_size=mlp, image_size=args.image_size, patch_size=args.patch_size)
+            stock = ViTModel(config, add_pooling_layer=False)
+        apt = AptViTModel.from_vit(stock, image_mean=[0.5] * 3, image_std=[0.5] * 3, **fields)
+    else:
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        if args.model:
+            stock = CLIPVisionModel.from_pretrained(args.model)
+        else:
+            hidden, layers, heads, mlp = SIZES[args.size]
+            config = CLIPVisionConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                      intermediate_size=mlp, image_size=args.image_size, patch_size=args.patch_size)
+            stock = CLIPVisionModel(config)
+        apt = AptCLIPVisionModel.from_clip(stock, image_mean=[0.5] * 3, image_std=[0.5] * 3, **fields)
+    dtype = DTYPES[args.dtype]
+    stock = stock.to(args.device, dtype).eval()
+    apt = apt.to(args.device, dtype).eval()
+    return stock, apt, stock.config
+
+
+def packed_inputs(args: argparse.Namespace, thresholds: list[float], image_size: int, patch: int) -> dict[str, Any]:
+    from ..image_processing_apt import AptImageProcessorPil
+
+    photos = list(load_photos(PHOTOS).values())
+    photos = (photos * (args.batch // len(photos) + 1))[: args.batch]
+    processor = AptImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, patch_size=patch, num_scales=args.num_scales,
+        thresholds=thresholds, scorer=args.scorer,
+    )
+    return dict(processor(photos, return_tensors="pt"))
+
+
+def layout_of(batch: dict[str, Any]) -> PatchLayout:
+    return PatchLayout(batch["patch_scales"], batch["patch_positions"], batch["tokens_per_image"],
+                       batch["image_grid_hw"])
+
+
+def forward_flops(config: Any, layout: PatchLayout, apt: bool) -> float:
+    """Multiply-accumulates of a forward pass (embedding + encoder), from token counts."""
+    d, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    p, channels = int(config.patch_size), config.num_channels
+    n = (layout.tokens_per_image + 1).double()
+    per_layer = (4 * d * d + 2 * d * mlp) * n + 2 * d * n * n  # QKVO + MLP, QK^T + AV
+    cells = layout.image_grid_hw.prod(-1).double().sum()
+    flops = layers * per_layer.sum() + cells * channels * p * p * d  # E on every base patch
+    if apt:
+        scales = layout.patch_scales
+        merged = (scales > 0).sum().double()
+        # E on the resized block, zero-MLP, and the 2x2 conv applied to each level of the token's quadtree.
+        conv_cells = sum(((scales == s).sum().double() * sum(4 ** (s - k) for k in range(1, s + 1)))
+                         for s in range(1, int(scales.max()) + 1)) if merged else 0.0
+        flops = flops + merged * (channels * p * p * d + d * d) + conv_cells * d * d
+    return float(flops)
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_memory(fn: Callable[[], Any], device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stock, apt, config = build_models(args)
+    patch, image_size = int(config.patch_size), int(config.image_size)
+    merged = packed_inputs(args, args.thresholds, image_size, patch)
+    uniform = packed_inputs(args, [-1.0] * (args.num_scales - 1), image_size, patch)
+    dense = torch.stack(unpack_base_patches(merged["pixel_values"], layout_of(merged)))
+    device, dtype = args.device, DTYPES[args.dtype]
+    to_device = {k: v.to(device) for k, v in merged.items()}
+    to_device_uniform = {k: v.to(device) for k, v in uniform.items()}
+    dense = dense.to(device, dtype)
+    to_device["pixel_values"] = to_device["pixel_values"].to(dtype)
+    to_device_uniform["pixel_values"] = to_device_uniform["pixel_values"].to(dtype)
+    backends = args.attn or [apt.config._attn_implementation]
+
+    runs: dict[str, Callable[[], Any]] = {"stock": lambda: stock(dense)}
+    for backend in backends:
+        runs[f"APT [-1] {backend}"] = (backend, lambda: apt(**to_device_uniform))
+        runs[f"APT {backend}"] = (backend, lambda: apt(**to_device))
+        runs[f"APT dense {backend}"] = (backend, lambda: apt(dense))
+
+    def call(name: str) -> Any:
+        entry = runs[name]
+        if isinstance(entry, tuple):
+            if apt.config._attn_implementation != entry[0]:
+                apt.set_attn_implementation(entry[0])
+            return entry[1]()
+        return entry()
+
+    stock_attn = stock.config._attn_implementation
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    memory: dict[str, float | None] = {}
+    with torch.inference_mode():
+        for name in runs:  # warm-up (and compile of flex attention)
+            call(name)
+            memory[name] = peak_memory(lambda name=name: call(name), device)
+        for _ in range(args.repeats):
+            for name in runs:
+                times[name].append(timed(lambda name=name: call(name), device))
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+    stock_flops = forward_flops(config, layout_of(uniform), apt=False)
+    merged_flops = forward_flops(config, layout_of(merged), apt=True)
+    uniform_flops = forward_flops(config, layout_of(uniform), apt=True)
+    cells = int(layout_of(uniform).image_grid_hw.prod(-1).sum())
+    kept = int(merged["tokens_per_image"].sum())
+
+    print(f"## APT vs stock {type(stock).__name__}: {args.family} {args.size if not args.model else args.model}, "
+          f"{image_size}/{patch}, batch {args.batch}, {args.dtype} on {device}\n")
+    where = (torch.cuda.get_device_name() if device.startswith("cuda") else
+             f"{platform.machine()} x{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, load average "
+             f"{os.getloadavg()[0]:.1f}")
+    print(f"{args.scorer} S={args.num_scales} {args.thresholds}; photos: scikit-image's {len(PHOTOS)}, repeated to "
+          f"the batch; median of {args.repeats}; stock attention {stock_attn}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, {where}\n")
+    header = "| run | tokens / image | kept | ms / batch | speedup | ideal | measured / ideal |"
+    if device.startswith("cuda"):
+        header += " peak GiB |"
+    print(header)
+    print("|" + " --- |" * (header.count("|") - 1))
+    tokens_uniform = cells / args.batch
+    for name in runs:
+        is_merged = name.startswith("APT") and "[-1]" not in name
+        tokens = kept / args.batch if is_merged else tokens_uniform
+        ideal = stock_flops / (merged_flops if is_merged else (uniform_flops if name != "stock" else stock_flops))
+        speedup = ms["stock"] / ms[name]
+        row = (f"| {name} | {tokens:.1f} | {100 * tokens / tokens_uniform:.1f}% | {ms[name]:.1f} | {speedup:.3f}x | "
+               f"{ideal:.3f}x | {100 * speedup / ideal:.1f}% |")
+        if device.startswith("cuda"):
+            row += f" {memory[name]:.2f} |"
+        print(row)
+    print()
+    for backend in backends:
+        overhead = ms[f"APT [-1] {backend}"] / ms["stock"] - 1
+        ratio = (ms["stock"] / ms[f"APT {backend}"]) / (stock_flops / merged_flops)
+        print(f"- {backend}: overhead with nothing merged {100 * overhead:+.1f}% (goal <= 2%: "
+              f"{'met' if overhead <= 0.02 else 'NOT met'}); measured speedup {100 * ratio:.0f}% of ideal "
+              f"(goal >= 90%: {'met' if ratio >= 0.9 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
