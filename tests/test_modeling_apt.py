@@ -450,3 +450,22 @@ def test_convert_script_end_to_end(tmp_path, photos):
             got = model(**processor(photos, return_tensors="pt"))
         key = "pooler_output" if name == "clip" else "logits"
         torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=0)
+
+
+def test_flex_document_mask_matches_torch_create_block_mask():
+    """The block-level document mask equals torch's create_block_mask (which materialises the full mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from apt_hf.modeling_apt import document_block_mask
+
+    for lengths in ([65, 65, 65], [56, 59, 14], [300, 1, 2, 128, 129, 500], [128, 128]):
+        cu_seqlens = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
+        mask = document_block_mask(cu_seqlens, torch.device("cpu"))
+        length = mask.seq_lengths[0]
+        assert length % 128 == 0 and length - sum(lengths) < 128
+        doc = F.pad(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)),
+                    (0, length - sum(lengths)), value=len(lengths))
+        ref = create_block_mask(lambda b, h, q, k, doc=doc: doc[q] == doc[k], None, None, length, length,
+                                device="cpu")
+        assert torch.equal(mask.to_dense(), ref.to_dense())
+        assert torch.equal(mask.full_kv_num_blocks, ref.full_kv_num_blocks)

@@ -307,25 +307,47 @@ def _cpu_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block
     return _CPU_FLEX_COMPILED[0](query, key, value, block_mask, scaling)[:, :length]
 
 
+_FLEX_BLOCK = 128  # flex_attention's default sparse block size
+
+
+def _ordered_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nq, nk) block-level booleans -> BlockMask's (1, 1, nq) counts and (1, 1, nq, nk) indices, set ones first."""
+    counts = blocks.sum(-1, dtype=torch.int32)
+    indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts[None, None], indices[None, None]
+
+
 def document_block_mask(cu_seqlens: torch.Tensor, device: torch.device) -> Any:
     """flex_attention BlockMask letting each token attend only within its own image (built once per forward).
 
-    On CPU the sequence is padded to a multiple of 128 with one extra document (see `_cpu_flex`).
+    Built at block level from the image boundaries (a 128 x 128 tile is skipped, full, or masked by `mask_mod`),
+    so no token x token mask is ever materialised. On CPU the sequence is padded to a multiple of 128 with one
+    extra document (see `_cpu_flex`).
     """
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask
 
     lengths = cu_seqlens.diff().long().to(device)
-    document = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    images = len(lengths)
+    document = torch.repeat_interleave(torch.arange(images, device=device), lengths)
     total = int(document.shape[0])
-    if device.type == "cpu" and total % _CPU_FLEX_BLOCK:
-        padded = -(-total // _CPU_FLEX_BLOCK) * _CPU_FLEX_BLOCK
-        document = F.pad(document, (0, padded - total), value=len(lengths))
-        total = padded
+    if device.type == "cpu":
+        total = -(-total // _CPU_FLEX_BLOCK) * _CPU_FLEX_BLOCK
+    blocks = -(-total // _FLEX_BLOCK)
+    # Tokens past the end (padding) form one more document, so mask_mod never indexes out of range.
+    document = F.pad(document, (0, blocks * _FLEX_BLOCK - document.shape[0]), value=images)
+    tiles = document.view(blocks, _FLEX_BLOCK)
+    first, last = tiles[:, 0], tiles[:, -1]  # documents are contiguous and increasing
+    touching = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    single = first == last
+    full = single[:, None] & single[None, :] & (first[:, None] == first[None, :])
 
     def same_image(batch: Any, head: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return document[q_idx] == document[kv_idx]
 
-    return create_block_mask(same_image, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device)
+    return BlockMask.from_kv_blocks(
+        *_ordered_blocks(touching & ~full), *_ordered_blocks(full), BLOCK_SIZE=_FLEX_BLOCK, mask_mod=same_image,
+        seq_lengths=(total, total),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
