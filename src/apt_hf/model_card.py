@@ -1,0 +1,349 @@
+"""Model cards for APT checkpoints, rendered with huggingface_hub's ModelCard from the templates in model_cards/.
+
+Metadata (library, pipeline tag, base model, data sets, license, tags, model-index) lives in `ModelCardData`, so
+the Hub, `ModelCard.load` and leaderboards read it; the templates only hold the prose, the usage snippet and
+the tables. Evaluation results come from lmms-eval's results JSON, checked against its schema (see
+`parse_lmms_eval_results`) because a hand-written or truncated file would publish numbers nobody can trace.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+PAPER_TITLE = "Accelerating Vision Transformers with Adaptive Patch Sizes"
+PAPER_AUTHORS = "Rohan Choudhury, JungEun Kim, Jinhyung Park, Eunho Yang, László A. Jeni, Kris M. Kitani"
+PAPER_URL = "https://arxiv.org/abs/2510.18091"
+CITATION = """@inproceedings{choudhury2026apt,
+  title     = {Accelerating Vision Transformers with Adaptive Patch Sizes},
+  author    = {Choudhury, Rohan and Kim, JungEun and Park, Jinhyung and Yang, Eunho and Jeni, L{\\'a}szl{\\'o} A. and
+               Kitani, Kris M.},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2026},
+  eprint    = {2510.18091},
+  archivePrefix = {arXiv}
+}"""
+LMMS_EVAL_URL = "https://github.com/EvolvingLMMs-Lab/lmms-eval"
+# lmms-eval's aggregated results file (evaluator.evaluate + simple_evaluate): these keys are always written.
+LMMS_EVAL_REQUIRED_KEYS = ("results", "configs", "versions", "config")
+
+# What lmms-eval's `apt_llava` model logs (lmms-eval averages each under "throughput" as "avg_<key>", per task as
+# "avg_<task>/<key>"), with the card's column names.
+THROUGHPUT_COLUMNS = (
+    ("images_per_second", "images/s"),
+    ("visual_tokens_per_image", "visual tokens / image"),
+    ("grid_tokens_per_image", "full grid / image"),
+    ("kept_token_ratio", "kept"),
+    ("lm_image_tokens_per_image", "`<image>` tokens / image"),
+)
+
+# Where the templates live in a source checkout (model_cards/ at the repository root).
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+
+
+@dataclass(frozen=True)
+class CardKind:
+    """What differs between the APT-LLaVA, APT-CLIP and APT-ViT cards."""
+
+    template: str
+    title: str
+    pipeline_tag: str
+    default_license: str  # the usual base model's license (LLaVA-1.5: Llama 2; OpenAI CLIP: MIT; Google ViT: Apache)
+    tags: tuple[str, ...]
+
+
+CARD_KINDS: dict[str, CardKind] = {
+    "llava": CardKind("apt_llava.md", "APT-LLaVA", "image-text-to-text", "llama2", ("llava", "vision-language")),
+    "clip": CardKind("apt_clip.md", "APT-CLIP", "image-feature-extraction", "mit", ("clip", "vision")),
+    "vit": CardKind("apt_vit.md", "APT-ViT", "image-feature-extraction", "apache-2.0", ("vit", "vision")),
+    "vit_classifier": CardKind("apt_vit.md", "APT-ViT", "image-classification", "apache-2.0", ("vit", "vision")),
+}
+BASE_TAGS = ("apt", "adaptive-patch-transformers", "vision-transformer")
+
+
+@dataclass(frozen=True)
+class LmmsEvalScore:
+    """One aggregated metric of one lmms-eval task, with where it was measured."""
+
+    task: str
+    metric: str
+    filter: str
+    value: float
+    stderr: float | None
+    dataset_path: str | None
+    dataset_config: str | None
+    split: str | None
+    num_fewshot: int | None
+
+
+@dataclass(frozen=True)
+class LmmsEvalRun:
+    """A parsed lmms-eval results file: the scores and the run's settings worth showing on the card."""
+
+    scores: tuple[LmmsEvalScore, ...]
+    model: str | None
+    model_args: str | None
+    limit: Any
+    date: Any
+    throughput: dict[str, float]  # lmms-eval's "throughput" summary (numeric entries), {} when absent
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for lmms-eval's "N/A" / non-numeric entries."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _optional_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def parse_lmms_eval_results(source: str | Path | Mapping[str, Any]) -> LmmsEvalRun:
+    """Read lmms-eval's aggregated results JSON (`<date>_results.json`), refusing anything else with a ValueError.
+
+    The schema is lmms-eval's: top-level "results" {task: {"alias": ..., "<metric>,<filter>": value,
+    "<metric>_stderr,<filter>": value or "N/A"}}, "configs" {task: task config}, "versions", "config" {"model",
+    "model_args", "limit", ...}, plus "n-shot", "higher_is_better", "n-samples", "date", ...
+    """
+    where = "eval_results"
+    if isinstance(source, Mapping):
+        data: Any = source
+    else:
+        path = Path(source)
+        where = f"eval_results ({path})"
+        if not path.is_file():
+            raise ValueError(f"{where}: expected lmms-eval's results JSON file, no such file")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{where}: expected lmms-eval's results JSON, the file is not JSON ({err}); pass the "
+                             "<date>_results.json that lmms-eval writes under --output_path, not the samples "
+                             "*.jsonl") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected lmms-eval's results JSON (an object), got {type(data).__name__}")
+    missing = [key for key in LMMS_EVAL_REQUIRED_KEYS if key not in data]
+    if missing:
+        raise ValueError(f"{where}: expected lmms-eval's results JSON with top-level {list(LMMS_EVAL_REQUIRED_KEYS)}, "
+                         f"missing {missing}")
+    for key in LMMS_EVAL_REQUIRED_KEYS:
+        if not isinstance(data[key], Mapping):
+            raise ValueError(f"{where}: expected {key!r} to be an object (lmms-eval's schema), got "
+                             f"{type(data[key]).__name__}")
+    results, configs, run_config = data["results"], data["configs"], data["config"]
+    if "model" not in run_config:
+        raise ValueError(f"{where}: expected 'config' to name the evaluated 'model' (lmms-eval's schema)")
+    n_shot = data.get("n-shot") if isinstance(data.get("n-shot"), Mapping) else {}
+    scores = []
+    for task, metrics in results.items():
+        if not isinstance(metrics, Mapping):
+            raise ValueError(f"{where}: expected results[{task!r}] to map '<metric>,<filter>' to values, got "
+                             f"{type(metrics).__name__}")
+        task_config = configs.get(task) if isinstance(configs.get(task), Mapping) else {}
+        for key, raw in metrics.items():
+            if key == "alias":
+                continue
+            metric, sep, filter_key = str(key).partition(",")
+            if not sep:
+                raise ValueError(f"{where}: expected results[{task!r}] keys like '<metric>,<filter>' "
+                                 f"(e.g. 'exact_match,none'), got {key!r}")
+            value = _number(raw)
+            if metric.endswith("_stderr") or value is None:
+                continue
+            stderr = _number(metrics.get(f"{metric}_stderr,{filter_key}"))
+            shots = n_shot.get(task)
+            scores.append(LmmsEvalScore(
+                task=task, metric=metric, filter=filter_key, value=value, stderr=stderr,
+                dataset_path=_optional_str(task_config.get("dataset_path")),
+                dataset_config=_optional_str(task_config.get("dataset_name")),
+                split=_optional_str(task_config.get("test_split")),
+                num_fewshot=shots if isinstance(shots, int) and not isinstance(shots, bool) else None,
+            ))
+    if not scores:
+        raise ValueError(f"{where}: lmms-eval's results JSON holds no numeric metric in 'results'")
+    throughput = data.get("throughput", {})
+    if not isinstance(throughput, Mapping):
+        raise ValueError(f"{where}: expected 'throughput' to be an object (lmms-eval's schema), got "
+                         f"{type(throughput).__name__}")
+    return LmmsEvalRun(
+        scores=tuple(scores), model=_optional_str(run_config.get("model")),
+        model_args=_optional_str(run_config.get("model_args")), limit=run_config.get("limit"),
+        date=data.get("date"),
+        throughput={str(k): v for k, v in throughput.items() if _number(v) is not None},
+    )
+
+
+def throughput_rows(run: LmmsEvalRun) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of tokens kept and images/s as `apt_llava` logged them during the evaluation: one row for
+    all tasks, then one per task; ([], []) when the run has none (another lmms-eval model, older lmms-eval)."""
+    stats = run.throughput
+    tasks = sorted({key[4:].rsplit("/", 1)[0] for key in stats if key.startswith("avg_") and "/" in key})
+    rows = []
+    for label, prefix in [("all tasks", "avg_"), *((task, f"avg_{task}/") for task in tasks)]:
+        values = {column: stats.get(prefix + key) for key, column in THROUGHPUT_COLUMNS}
+        if values["visual tokens / image"] is None:
+            continue
+        cells = [label]
+        for key, column in THROUGHPUT_COLUMNS:
+            value = values[column]
+            cells.append("" if value is None else f"{100 * value:.1f}%" if key == "kept_token_ratio"
+                         else _format(float(value)))
+        rows.append(cells)
+    if not rows:
+        return [], []
+    return ["tasks", *(column for _, column in THROUGHPUT_COLUMNS)], rows
+
+
+def eval_results_for_card(run: LmmsEvalRun, task_type: str) -> list[EvalResult]:
+    """model-index entries (huggingface_hub's EvalResult) for every score, credited to lmms-eval."""
+    results = []
+    for score in run.scores:
+        results.append(EvalResult(
+            task_type=task_type,
+            dataset_type=score.dataset_path or score.task,
+            dataset_name=score.task,
+            dataset_config=score.dataset_config,
+            dataset_split=score.split,
+            metric_type=score.metric,
+            metric_name=score.metric if score.filter == "none" else f"{score.metric} ({score.filter})",
+            metric_value=score.value,
+            source_name="lmms-eval",
+            source_url=LMMS_EVAL_URL,
+        ))
+    return results
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_format(v) for v in value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def speed_table_rows(table: Any) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of a tokens-kept / speed table given as rows of {column: value} (e.g. benchmark output)."""
+    if isinstance(table, Mapping) and "rows" in table:
+        table = table["rows"]
+    if not isinstance(table, Sequence) or isinstance(table, (str, bytes)) or not table:
+        raise ValueError(f"speed_table: expected a non-empty list of rows {{column: value}}, got {table!r:.200}")
+    headers: list[str] = []
+    for i, row in enumerate(table):
+        if not isinstance(row, Mapping) or not row:
+            raise ValueError(f"speed_table: expected each row to be a non-empty {{column: value}} object, row {i} is "
+                             f"{row!r:.200}")
+        for key, value in row.items():
+            if not isinstance(value, (str, int, float, bool, type(None), list, tuple)):
+                raise ValueError(f"speed_table: expected scalar cells, row {i} column {key!r} is {value!r:.200}")
+            if str(key) not in headers:
+                headers.append(str(key))
+    rows = [[_format(row[h]) if row.get(h) is not None else "" for h in headers] for row in table]
+    return [_format(h) for h in headers], rows
+
+
+def apt_settings_rows(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The APT settings table: patch sizes per scale, thresholds, scorer, and the LLaVA layout when there is one."""
+    patch, scales = int(settings["patch_size"]), int(settings["num_scales"])
+    sizes = ", ".join(f"{patch * 2 ** s}" for s in range(scales))
+    scorer = settings["scorer"]
+    rows = [
+        ("base patch size", f"{patch} px"),
+        ("scales (`num_scales`)", f"{scales}: patches of {sizes} px"),
+        ("thresholds (`thresholds`)", _format(list(settings["thresholds"])) or "none (nothing merged)"),
+        ("scorer (`scorer`)", f"{scorer}" + (f", {settings['entropy_bins']} bins (`entropy_bins`)"
+                                             if scorer == "entropy" else "")),
+    ]
+    if settings.get("image_size"):
+        rows.append(("input size", f"{settings['image_size']} px"))
+    if settings.get("vision_feature_layout"):
+        layout = settings["vision_feature_layout"]
+        what = ("only the kept tokens reach the language model" if layout == "packed"
+                else "tokens repeated over the full grid: stock LLaVA's token count")
+        rows.append(("`vision_feature_layout`", f"{layout} ({what})"))
+    return rows
+
+
+def render_model_card(
+    kind: str,
+    repo_id: str,
+    settings: Mapping[str, Any],
+    *,
+    base_model: str | None = None,
+    datasets: Sequence[str] | None = None,
+    license: str | None = None,
+    eval_run: LmmsEvalRun | None = None,
+    speed_table: Any = None,
+    template_path: str | Path | None = None,
+) -> ModelCard:
+    """The README.md of an APT checkpoint: metadata in ModelCardData, prose and tables from the kind's template.
+
+    kind: "llava", "clip", "vit" or "vit_classifier"; settings: the APT fields (num_scales, thresholds, scorer,
+    entropy_bins), patch_size, image_size and, for LLaVA, vision_feature_layout.
+    """
+    if kind not in CARD_KINDS:
+        raise ValueError(f"kind: expected one of {sorted(CARD_KINDS)}, got {kind!r}")
+    spec = CARD_KINDS[kind]
+    template = Path(template_path) if template_path is not None else TEMPLATE_DIR / spec.template
+    if not template.is_file():
+        raise ValueError(f"template_path: model card template {template} not found (model_cards/ of the apt_hf "
+                         "source tree); pass template_path=")
+    name = repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        model_name=name if eval_run else None,  # only model-index needs it
+        library_name="transformers",
+        pipeline_tag=spec.pipeline_tag,
+        base_model=base_model or None,
+        datasets=list(datasets) if datasets else None,
+        license=license or spec.default_license,
+        tags=[*BASE_TAGS, *spec.tags],
+        eval_results=eval_results_for_card(eval_run, spec.pipeline_tag) if eval_run else None,
+    )
+    speed_headers, speed_rows = speed_table_rows(speed_table) if speed_table is not None else ([], [])
+    throughput = throughput_rows(eval_run) if eval_run else ([], [])
+    eval_rows = []
+    if eval_run:
+        for s in eval_run.scores:
+            metric = s.metric if s.filter == "none" else f"{s.metric} ({s.filter})"
+            eval_rows.append([s.task, metric, _format(s.value), "" if s.stderr is None else _format(s.stderr)])
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        title=f"{spec.title}: {name}",
+        repo_id=repo_id,
+        settings_rows=apt_settings_rows(settings),
+        speed_headers=speed_headers,
+        speed_rows=speed_rows,
+        eval_rows=eval_rows,
+        eval_model_args=eval_run.model_args if eval_run else None,
+        eval_limit=eval_run.limit if eval_run else None,
+        eval_tasks=",".join(dict.fromkeys(s.task for s in eval_run.scores)) if eval_run else None,
+        throughput_headers=throughput[0],
+        throughput_rows=throughput[1],
+        classifier=kind == "vit_classifier",
+        paper_title=PAPER_TITLE,
+        paper_authors=PAPER_AUTHORS,
+        paper_url=PAPER_URL,
+        citation=CITATION,
+        lmms_eval_url=LMMS_EVAL_URL,
+    )
+
+
+__all__ = [
+    "CARD_KINDS",
+    "CITATION",
+    "LmmsEvalRun",
+    "LmmsEvalScore",
+    "apt_settings_rows",
+    "eval_results_for_card",
+    "parse_lmms_eval_results",
+    "render_model_card",
+    "speed_table_rows",
+    "throughput_rows",
+]
