@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Fine-tune LLaVA with APT: `accelerate launch scripts/finetune_llava.py --config recipes/tiny-cpu.yaml`.
+
+Every flag of transformers' TrainingArguments plus --model_name_or_path, --data_path, --image_folder, the APT
+fields, --vision_feature_layout, --trainable and --lora_r; see recipes/README.md.
+"""
+
+from apt_hf.training.train import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Batches for APT-LLaVA training: chat template, assistant-only labels, packed `<image>` expansion, padding.
+
+Text is rendered with the checkpoint's own chat template and tokenized exactly as the processor does at
+inference (special tokens added unless the template starts with bos), then each single `<image>` token is
+expanded to that image's token count (APT's packed count, or the grid's), which is what
+`AptLlavaProcessor.__call__` produces for the same text. Labels are the assistant spans: the template's
+`{% generation %}` blocks when it has them, otherwise the text each assistant turn adds to the rendering.
+
+An image that cannot be opened drops its sample (a warning, and `broken_images` grows); a batch left empty
+is refilled from earlier good samples, so a few bad files never stop a multi-day run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from .data import image_refs, normalize_messages, open_image
+
+IGNORE_INDEX = -100
+COUNT_KEYS = ("broken_images", "skipped_too_long")
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+logger = logging.getLogger(__name__)
+
+
+class AptLlavaDataCollator:
+    """Turn rows of `load_training_dataset` into `AptLlavaForConditionalGeneration` inputs with labels.
+
+    Output keys: input_ids, attention_mask, labels (B, L), and when the batch has images the packed image keys
+    of `AptLlavaProcessor` (pixel_values, patch_scales, patch_positions, tokens_per_image, image_grid_hw),
+    images of all samples concatenated in sample order.
+    """
+
+    def __init__(self, processor: Any, max_length: int = 2048, image_folder: str | None = None,
+                 append_eos: bool = True, max_fallback: int = 64, report_counts: bool = False) -> None:
+        self.processor = processor
+        # DataLoader workers run copies of this object, so their counters never reach the main process; with
+        # report_counts each batch carries its own counts (COUNT_KEYS), which AptLlavaTrainer pops and sums.
+        self.report_counts = report_counts
+        self.tokenizer = processor.tokenizer
+        self.chat_template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
+        if not self.chat_template:
+            raise ValueError("processor: expected a chat template (processor.chat_template or the tokenizer's), "
+                             "got none; training renders conversations with the checkpoint's own template")
+        self.has_generation_blocks = bool(_GENERATION_TAG.search(self.chat_template))
+        self.image_token = processor.image_token
+        self.image_token_id = processor.image_token_id
+        self.max_length = max_length
+        self.image_folder = image_folder
+        self.append_eos = append_eos and self.tokenizer.eos_token is not None
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.tokenizer.eos_token_id
+        self.broken_images = 0
+        self.skipped_too_long = 0
+        self._fallback: list[tuple[list[dict[str, Any]], list[Any]]] = []
+        self._max_fallback = max_fallback
+
+    # ------------------------------------------------------------------------------------- text
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                with_spans: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        rendered, spans = render_jinja_template(
+            conversations=[messages], chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
+            return_assistant_tokens_mask=with_spans, **self.tokenizer.special_tokens_map,
+        )
+        return rendered[0], (list(spans[0]) if with_spans else [])
+
+    def _assistant_spans(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the character spans of assistant output in it."""
+        if self.has_generation_blocks:
+            return self._render(messages, with_spans=True)
+        # No generation blocks: an assistant turn's span is what it appends to the prompt that precedes it.
+        text, _ = self._render(messages)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt, _ = self._render(messages[:i], add_generation_prompt=True)
+            upto, _ = self._render(messages[: i + 1])
+            if not (text.startswith(upto) and upto.startswith(prompt)):
+                raise ValueError("chat template: it has no {% generation %} blocks and its rendering is not "
+                                 "prefix-stable, so assistant tokens cannot be located; add generation blocks")
+            spans.append((len(prompt), len(upto)))
+        return text, spans
+
+    def _with_eos(self, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+        """End every assistant span with eos (inserted after its last non-space character) unless it already does."""
+        eos = self.tokenizer.eos_token
+        out, new_spans, cursor, shift = [], [], 0, 0
+        for start, end in spans:
+            body = text[start:end]
+            stripped = body.rstrip()
+            if stripped.endswith(eos):
+                new_spans.append((start + shift, end + shift))
+                continue
+            cut = start + len(stripped)
+            out.append(text[cursor:cut] + eos)
+            cursor = cut
+            new_spans.append((start + shift, cut + shift + len(eos)))
+            shift += len(eos)
+        out.append(text[cursor:])
+        return "".join(out), new_spans
+
+    def encode(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[bool]]:
+        """Token ids with one `<image>` per image, and which tokens are assistant output."""
+        text, spans = self._assistant_spans(messages)
+        if self.append_eos:
+            text, spans = self._with_eos(text, spans)
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))  # as the processor does at inference
+        enc = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [False] * len(ids)
+        for t, (lo, hi) in enumerate(enc["offset_mapping"]):
+            if hi > lo and any(lo < end and hi > start for start, end in spans):
+                mask[t] = True
+        return ids, mask
+
+    # ------------------------------------------------------------------------------------- images
+
+    def _open_images(self, refs: list[Any], name: str) -> list[Any] | None:
+        images = []
+        for ref in refs:
+            try:
+                images.append(open_image(ref, self.image_folder))
+            except Exception as err:  # any decoder error: skip the sample, never the run
+                self.broken_images += 1
+                where = ref if isinstance(ref, str) else (ref.get("path") if isinstance(ref, dict) else "<image>")
+                logger.warning("skipping sample %s: image %r could not be opened (%s: %s); broken_images=%d",
+                               name, where, type(err).__name__, err, self.broken_images)
+                return None
+        return images
+
+    def _image_token_counts(self, image_inputs: dict[str, Any]) -> list[int]:
+        if hasattr(self.processor, "image_token_counts"):
+            return self.processor.image_token_counts(image_inputs)
+        raise ValueError(f"processor: expected an AptLlavaProcessor, got {type(self.processor).__name__}")
+
+    # ------------------------------------------------------------------------------------- batch
+
+    def _examples(self, features: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], list[Any]]]:
+        examples = []
+        for i, row in enumerate(features):
+            name = repr(str(row.get("id", f"#{i} of the batch")))
+            images = self._open_images(image_refs(row), name)
+            if images is None:
+                continue
+            examples.append((normalize_messages(row), images))
+        if examples:
+            self._fallback = (examples + self._fallback)[: self._max_fallback]
+        elif self._fallback:
+            logger.warning("every sample of a batch had a broken image; reusing %d earlier sample(s)",
+                           min(len(features), len(self._fallback)))
+            examples = self._fallback[: len(features)]
+        else:
+            raise ValueError("images: every sample of the first batch has an image that cannot be opened; check "
+                             "--image_folder and the data's image paths")
+        return examples
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        broken, too_long = self.broken_images, self.skipped_too_long
+        batch = self._collate(features)
+        if self.report_counts:
+            batch[COUNT_KEYS[0]] = torch.tensor(self.broken_images - broken)
+            batch[COUNT_KEYS[1]] = torch.tensor(self.skipped_too_long - too_long)
+        return batch
+
+    def _collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        examples = self._examples(features)
+        images = [image for _, sample_images in examples for image in sample_images]
+        image_inputs: dict[str, Any] = {}
+        counts: list[int] = []
+        if images:
+            image_inputs = dict(self.processor.image_processor(images, return_tensors="pt"))
+            counts = self._image_token_counts(image_inputs)
+
+        sequences, image_start = [], 0
+        kept_images: list[int] = []
+        for messages, sample_images in examples:
+            ids, mask = self.encode(messages)
+            n = len(sample_images)
+            sample_counts = counts[image_start:image_start + n]
+            seq_ids, seq_labels = self._expand(ids, mask, sample_counts)
+            if len(seq_ids) > self.max_length:
+                if self._image_tokens_cut(seq_ids):
+                    self.skipped_too_long += 1
+                    logger.warning("skipping a sample of %d tokens: model_max_length=%d would cut its image tokens",
+                                   len(seq_ids), self.max_length)
+                    image_start += n
+                    continue
+                seq_ids, seq_labels = seq_ids[: self.max_length], seq_labels[: self.max_length]
+            sequences.append((seq_ids, seq_labels))
+            kept_images.extend(range(image_start, image_start + n))
+            image_start += n
+        if not sequences:
+            raise ValueError(f"model_max_length: every sample of a batch is longer than {self.max_length} tokens "
+                             "before its image tokens end; raise --model_max_length")
+
+        batch = self._pad(sequences)
+        if kept_images:
+            if len(kept_images) != len(counts):
+                image_inputs = _take_images(image_inputs, kept_images)
+            batch.update(image_inputs)
+        return batch
+
+    def _expand(self, ids: list[int], mask: list[bool], counts: list[int]) -> tuple[list[int], list[int]]:
+        """Repeat each `<image>` token to its image's token count; labels on assistant tokens only."""
+        found = sum(1 for t in ids if t == self.image_token_id)
+        if found != len(counts):
+            raise ValueError(f"chat template: rendered {found} {self.image_token} token(s) for {len(counts)} "
+                             "image(s); the template must emit one image token per image part")
+        out_ids: list[int] = []
+        labels: list[int] = []
+        k = 0
+        for t, is_assistant in zip(ids, mask, strict=True):
+            if t == self.image_token_id:
+                out_ids += [t] * counts[k]
+                labels += [IGNORE_INDEX] * counts[k]
+                k += 1
+            else:
+                out_ids.append(t)
+                labels.append(t if is_assistant else IGNORE_INDEX)
+        return out_ids, labels
+
+    def _image_tokens_cut(self, ids: list[int]) -> bool:
+        return self.image_token_id in ids[self.max_length:]
+
+    def _pad(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Right padding: positions then match an unpadded sample, as in LLaVA's own training."""
+        length = max(len(ids) for ids, _ in sequences)
+        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for i, (ids, lab) in enumerate(sequences):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            attention_mask[i, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _take_images(image_inputs: dict[str, Any], keep: list[int]) -> dict[str, Any]:
+    """The packed image keys restricted to images `keep` (samples dropped for length lose their images)."""
+    from ..patchify import PatchLayout, select_images
+
+    if "tokens_per_image" not in image_inputs:
+        return {k: v[keep] for k, v in image_inputs.items()}
+    layout = PatchLayout(image_inputs["patch_scales"], image_inputs["patch_positions"],
+                         image_inputs["tokens_per_image"], image_inputs["image_grid_hw"])
+    pixel_values, picked = select_images(image_inputs["pixel_values"], layout, torch.tensor(keep))
+    return {"pixel_values": pixel_values, "patch_scales": picked.patch_scales,
+            "patch_positions": picked.patch_positions, "tokens_per_image": picked.tokens_per_image,
+            "image_grid_hw": picked.image_grid_hw}
