@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration
-from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaModel, LlavaMultiModalProjector, LlavaPreTrainedModel
 
@@ -214,8 +213,9 @@ class AptLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         """Repeat each prompt's images with the prompt (beam search, num_return_sequences)."""
         pixel_values = model_kwargs.pop("pixel_values", None)
         layout_values = {k: model_kwargs.pop(k) for k in LAYOUT_KEYS if model_kwargs.get(k) is not None}
-        expanded_ids, model_kwargs = GenerationMixin._expand_inputs_for_generation(
-            expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        # keywords through super(): a staticmethod in transformers 5.17, a method in later releases
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
         if pixel_values is None or expand_size == 1:
             model_kwargs.update(pixel_values=pixel_values, **layout_values)
             return expanded_ids, model_kwargs

@@ -78,17 +78,16 @@ class AptLlavaProcessor(LlavaProcessor):
         return self.image_token * self.image_token_counts(image_inputs)[image_idx]
 
     def validate_inputs(self, images: Any = None, text: Any = None, **kwargs: Any) -> None:
+        if text is not None:  # images alone: nothing to pair
+            texts = [text] if isinstance(text, str) else list(text)
+            placeholders = sum(t.count(self.image_token) for t in texts)
+            n_images = 0 if images is None else len(make_flat_list_of_images(images))
+            if placeholders != n_images:
+                raise ValueError(
+                    f"images: got {n_images} image(s) but the text has {placeholders} {self.image_token} "
+                    f"placeholder(s); put one {self.image_token} in the text per image"
+                )
         super().validate_inputs(images=images, text=text, **kwargs)
-        if text is None:  # images alone: nothing to pair
-            return
-        texts = [text] if isinstance(text, str) else list(text)
-        placeholders = sum(t.count(self.image_token) for t in texts)
-        n_images = 0 if images is None else len(make_flat_list_of_images(images))
-        if placeholders != n_images:
-            raise ValueError(
-                f"images: got {n_images} image(s) but the text has {placeholders} {self.image_token} placeholder(s); "
-                f"put one {self.image_token} in the text per image"
-            )
 
     def _check_special_mm_tokens(self, text: list[str], text_inputs: Any, modalities: list[str]) -> None:
         """Refuse truncation that cuts image tokens, saying which max_length the batch needs."""
