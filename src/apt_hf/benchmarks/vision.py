@@ -169,12 +169,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     merged = packed_inputs(args, args.thresholds, image_size, patch)
     uniform = packed_inputs(args, [-1.0] * (args.num_scales - 1), image_size, patch)
     dense = torch.stack(unpack_base_patches(merged["pixel_values"], layout_of(merged)))
-    device, dtype = args.device, DTYPES[args.dtype]
+    device = args.device
     to_device = {k: v.to(device) for k, v in merged.items()}
     to_device_uniform = {k: v.to(device) for k, v in uniform.items()}
-    dense = dense.to(device, dtype)
-    to_device["pixel_values"] = to_device["pixel_values"].to(dtype)
-    to_device_uniform["pixel_values"] = to_device_uniform["pixel_values"].to(dtype)
+    dense = dense.to(device)  # float32, as processors return: both models cast to their dtype, and the dense
+    # APT path recovers the exact 8-bit image from it (half precision would perturb the layout)
     backends = args.attn or [apt.config._attn_implementation]
 
     runs: dict[str, Callable[[], Any]] = {"stock": lambda: stock(dense)}
