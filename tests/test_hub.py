@@ -15,12 +15,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import httpx
 import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.errors import LocalTokenNotFoundError
+from huggingface_hub.utils import _http as hub_http
 from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTForImageClassification
@@ -37,6 +37,9 @@ from apt_hf.hub import collect_upload_set, publish, upload, validate_repo_id
 from apt_hf.model_card import parse_lmms_eval_results
 from apt_hf.sample_images import load_photos
 from apt_hf.tiny import build_tiny_llava, tiny_vision_config
+
+# The HTTP client huggingface_hub talks through: httpx up to 1.x, its API-compatible fork httpx2 from 2.0.
+httpx = getattr(hub_http, "httpx2", None) or hub_http.httpx
 
 REPO = "me/apt-tiny"
 TOKEN = "hf_SENTINELtoken0123456789"  # a fake token: must reach the Authorization header and nowhere else
