@@ -13,12 +13,15 @@ Real checkpoints (openai/clip-vit-large-patch14-336, llava-hf/llava-1.5-7b-hf) w
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+import yaml
+from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
 from apt_hf import AptCLIPVisionModel, AptImageProcessor, AptLlavaForConditionalGeneration, AptLlavaProcessor
@@ -116,9 +119,13 @@ def finetune(output_dir: Path) -> None:
 
     model = AutoModelForImageTextToText.from_pretrained(run_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(run_dir, trust_remote_code=True)
-    photo = load_photos(("chelsea.png",))["chelsea"]
-    answer, visual_tokens = chat(model, processor, photo, "What is shown in the image?")
-    print(f"fine-tuned APT-LLaVA from {run_dir}: {visual_tokens} visual tokens, answer {answer!r}")
+    settings = yaml.safe_load(recipe.read_text())
+    sample = json.loads((ROOT / settings["data_path"]).read_text())[0]  # a generated training picture
+    question = sample["conversations"][0]["value"].replace("<image>", "").strip()
+    with Image.open(ROOT / settings["image_folder"] / sample["image"]) as image:
+        answer, visual_tokens = chat(model, processor, image.convert("RGB"), question)
+    print(f"fine-tuned APT-LLaVA from {run_dir} ({visual_tokens} visual tokens): {question!r} -> {answer.strip()!r} "
+          f"(training answer: {sample['conversations'][1]['value']!r})")
 
 
 def main(argv: list[str] | None = None) -> int:
