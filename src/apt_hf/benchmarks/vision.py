@@ -14,7 +14,7 @@ the stock model gets exactly the same pixels, dense. Rows:
 Ideal speedup = FLOP ratio from token counts: per layer 12 n D^2 (projections + MLP) + 2 n^2 D (attention) with
 n tokens per image, plus the patch embedding and, for APT, its merge conv / zero-MLP / resized-patch embedding.
 Times are the best of --repeats forward passes after a warm-up, stock and APT interleaved; on a shared machine
-use --clock cpu (process CPU time, insensitive to other processes; CPU device only).
+use --threads 1 --clock cpu (process CPU time, insensitive to other processes; CPU device only).
 """
 
 from __future__ import annotations
