@@ -256,7 +256,7 @@ def test_new_parameters_get_gradients_and_checkpointing_matches(photos):
     assert grads["embeddings.merge_conv.weight"].abs().sum() > 0
     assert grads["embeddings.patch_embedding.weight"].abs().sum() > 0
 
-    apt.gradient_checkpointing_enable()
+    getattr(apt, "activation_checkpointing_enable", apt.gradient_checkpointing_enable)()  # renamed in 5.2x
     checkpointed = _grads(apt, packed)
     assert checkpointed.keys() == grads.keys()
     for name, grad in grads.items():
