@@ -1,0 +1,374 @@
+"""lmms-eval's `apt_llava` model and the Table 3 runner, through lmms-eval's own CLI, offline.
+
+Run in the eval environment only (`pip install -e ".[eval,dev]"`: lmms-eval + torchvision):
+`python -m pytest tests/eval`. The task is `tasks/apt_pope_local` (lmms-eval's POPE prompt and metrics on
+scenes generated at test time); the model is a tiny random stock LLaVA saved to a temporary folder, so the
+answers are gibberish, but identical gibberish is what proves two code paths equal.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.models import get_model
+from PIL import Image
+
+from apt_hf import AptLlavaForConditionalGeneration, AptLlavaProcessor
+from apt_hf.lmms_eval_plugin import MODEL_ID
+from apt_hf.lmms_eval_plugin.apt_llava import AptLlava, AptLlavaSimple, parse_thresholds
+from apt_hf.lmms_eval_plugin.results import compare_dirs, load_run
+
+REPO = Path(__file__).resolve().parents[2]
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+TASK = "apt_pope_local"
+NUM_SAMPLES = 8
+GRID_TOKENS = 64  # 112 px / 14 px patches -> 8 x 8
+MERGING = "num_scales=2,thresholds=5.5"  # merges the scenes' flat regions, keeps their noisy band
+UNMERGED = "num_scales=2,thresholds=-1"
+RUN_TIMEOUT_S = 600
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------------
+def _generator() -> Any:
+    spec = importlib.util.spec_from_file_location("apt_pope_local_generate", TASKS_DIR / TASK / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder lmms-eval runs in: the task's parquet (read from the cwd) and a tiny stock LLaVA."""
+    from apt_hf.tiny import save_tiny_llava, tiny_vision_config
+
+    root = tmp_path_factory.mktemp("lmms_eval")
+    _generator().write_pope_parquet(root / f"{TASK}.parquet", num_samples=NUM_SAMPLES)
+    save_tiny_llava(root / "stock_llava", vision=tiny_vision_config(image_size=112))
+    return root
+
+
+@pytest.fixture(scope="module")
+def stock(workdir: Path) -> str:
+    return str(workdir / "stock_llava")
+
+
+@pytest.fixture(scope="module")
+def run_cli(workdir: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run a command in `workdir`, offline; `check` fails the test with the output's tail."""
+    base_env = dict(os.environ)
+    base_env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                    HF_DATASETS_CACHE=str(workdir / "datasets_cache"), HF_HOME=str(workdir / "hf_home"),
+                    TOKENIZERS_PARALLELISM="false")
+    base_env.pop("ACCELERATE_USE_CPU", None)
+
+    def run(cmd: list[str], check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        done = subprocess.run(cmd, cwd=workdir, env={**base_env, **(env or {})}, capture_output=True, text=True,
+                              errors="replace", timeout=RUN_TIMEOUT_S)
+        if check and done.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} exited {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}")
+        return done
+
+    return run
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lmms_eval(workdir: Path, run_cli: Callable[..., subprocess.CompletedProcess]) -> Callable[..., Path]:
+    """`python -m lmms_eval --model M --model_args A --tasks apt_pope_local ...` once per name -> its output folder.
+
+    lmms-eval logs errors and may still exit 0, so a run that wrote no results file fails the test too.
+    """
+    done_runs: dict[str, Path] = {}
+
+    def run(name: str, model: str, model_args: str, batch_size: int = 1, num_processes: int = 1) -> Path:
+        if name in done_runs:
+            return done_runs[name]
+        out = workdir / "runs" / name
+        env: dict[str, str] = {}
+        launcher = [sys.executable, "-m", "lmms_eval"]
+        if num_processes > 1:  # accelerate's launcher; gloo processes on a CPU-only machine
+            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                        str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+                        "no", "--main_process_port", str(_free_port()), "-m", "lmms_eval"]
+            env["ACCELERATE_USE_CPU"] = "1"
+        done = run_cli([*launcher, "--model", model, "--model_args", model_args, "--tasks", TASK, "--include_path",
+                        str(TASKS_DIR), "--batch_size", str(batch_size), "--output_path", str(out), "--log_samples"],
+                       env=env)
+        if not list(out.rglob("*_results.json")):
+            pytest.fail(f"lmms-eval wrote no results for {name}:\n{(done.stdout + done.stderr)[-4000:]}")
+        done_runs[name] = out
+        return out
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def llava_hf_run(lmms_eval: Callable[..., Path], stock: str) -> Path:
+    """lmms-eval's own `llava_hf` on the stock model: the reference answers."""
+    return lmms_eval("llava_hf", "llava_hf", f"pretrained={stock},device=cpu,device_map=cpu")
+
+
+@pytest.fixture(scope="module")
+def suite(workdir: Path, run_cli: Callable[..., subprocess.CompletedProcess], stock: str) -> Path:
+    """scripts/eval_llava.py on the local task: the stock model as it is, and converted with merging."""
+    out = workdir / "suite"
+    run_cli([sys.executable, str(REPO / "scripts" / "eval_llava.py"), "--stock", stock, "--tasks", TASK,
+             "--include_path", str(TASKS_DIR), "--output_dir", str(out), "--device", "cpu", "--batch_size", "4",
+             "--num_scales", "2", "--thresholds", "5.5"])
+    return out
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+def _samples(run_dir: Path) -> dict[int, dict[str, Any]]:
+    files = list(run_dir.rglob(f"*_samples_{TASK}.jsonl"))
+    assert len(files) == 1, f"expected one samples file under {run_dir}, found {files}"
+    rows = [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
+    return {row["doc_id"]: row for row in rows}
+
+
+def _answers(run_dir: Path) -> dict[int, str]:
+    return {doc_id: row["filtered_resps"] for doc_id, row in _samples(run_dir).items()}
+
+
+def _results(run_dir: Path) -> dict[str, Any]:
+    files = list(run_dir.rglob("*_results.json"))
+    assert len(files) == 1, f"expected one results file under {run_dir}, found {files}"
+    return json.loads(files[0].read_text())
+
+
+def _scores(run_dir: Path) -> dict[str, Any]:
+    return {k: v for k, v in _results(run_dir)["results"][TASK].items() if "stderr" not in k}
+
+
+# -- registration -------------------------------------------------------------------------------------------------
+def test_entry_point_registers_apt_llava() -> None:
+    entry_points = importlib.metadata.entry_points(group="lmms_eval.models")
+    assert MODEL_ID in {ep.name for ep in entry_points}, (
+        "apt_hf declares no `lmms_eval.models` entry point named apt_llava: pyproject.toml needs "
+        '[project.entry-points."lmms_eval.models"] apt_llava = "apt_hf.lmms_eval_plugin:manifest" '
+        "and a reinstall (pip install -e .)")
+    assert get_model(MODEL_ID) is AptLlava
+    assert get_model(MODEL_ID, force_simple=True) is AptLlavaSimple
+
+
+# -- answers through lmms-eval's CLI ----------------------------------------------------------------------------
+def test_unmerged_apt_llava_answers_as_llava_hf(lmms_eval: Callable[..., Path], llava_hf_run: Path,
+                                                stock: str) -> None:
+    """Converted on the fly with nothing merged, in left-padded batches of 3: llava_hf's answers, exactly."""
+    apt_run = lmms_eval("apt_unmerged", MODEL_ID, f"pretrained={stock},device=cpu,{UNMERGED}", batch_size=3)
+    reference = _answers(llava_hf_run)
+    assert len(reference) == NUM_SAMPLES
+    assert _answers(apt_run) == reference
+    assert _scores(apt_run) == _scores(llava_hf_run)
+    throughput = _results(apt_run)["throughput"]
+    assert throughput["avg_visual_tokens_per_image"] == GRID_TOKENS
+    assert throughput[f"avg_{TASK}/num_images"] == NUM_SAMPLES
+
+
+def test_stock_llava_without_apt_fields_answers_as_llava_hf(suite: Path, llava_hf_run: Path) -> None:
+    """The runner's baseline (apt_llava on a stock checkpoint, no APT fields) is the stock model itself."""
+    assert _answers(suite / "stock") == _answers(llava_hf_run)
+    assert _results(suite / "stock")["config"]["model"] == MODEL_ID
+    assert _results(suite / "stock")["throughput"]["avg_grid_tokens_per_image"] == GRID_TOKENS
+
+
+def test_merged_apt_llava_answers_every_sample(suite: Path) -> None:
+    rows = _samples(suite / "apt")
+    assert sorted(rows) == list(range(NUM_SAMPLES))
+    for row in rows.values():
+        assert isinstance(row["filtered_resps"], str) and row["filtered_resps"].strip()
+        assert row["token_counts"][0]["output_tokens"] > 0
+    results = _results(suite / "apt")
+    assert set(_scores(suite / "apt")) >= {"pope_accuracy,none", "pope_f1_score,none"}
+    throughput = results["throughput"]
+    kept, grid = throughput[f"avg_{TASK}/visual_tokens_per_image"], throughput[f"avg_{TASK}/grid_tokens_per_image"]
+    assert grid == GRID_TOKENS and 0 < kept < grid  # merging happened
+    assert throughput[f"avg_{TASK}/images_per_second"] > 0
+    assert throughput["avg_lm_image_tokens_per_image"] == kept  # packed layout: the LM reads only kept tokens
+    # the prompts shrink with the visual tokens
+    stock_inputs = sum(r["token_counts"][0]["input_tokens"] for r in _samples(suite / "stock").values())
+    apt_inputs = sum(r["token_counts"][0]["input_tokens"] for r in rows.values())
+    assert stock_inputs - apt_inputs == pytest.approx(NUM_SAMPLES * (grid - kept))
+
+
+def test_comparison_table_reads_results_back(suite: Path, run_cli: Callable[..., subprocess.CompletedProcess],
+                                             workdir: Path) -> None:
+    written = (suite / "comparison.md").read_text()
+    assert written == compare_dirs(suite / "stock", suite / "apt", ("stock", "APT"), [TASK])
+    stock_run, apt_run = load_run(suite / "stock"), load_run(suite / "apt")
+    kept = apt_run.speed[TASK].visual_tokens_per_image
+    row = next(line for line in written.splitlines() if line.startswith(f"| {TASK} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    accuracy = [100 * r.scores[TASK]["pope_accuracy"] for r in (stock_run, apt_run)]
+    assert cells[1] == "pope_accuracy (%)" and cells[2:4] == [f"{v:.1f}" for v in accuracy]
+    assert cells[5] == f"{stock_run.speed[TASK].images_per_second:.2f}"
+    assert cells[6] == f"{apt_run.speed[TASK].images_per_second:.2f}"
+    assert cells[8] == "64.0 (100%)" and cells[9] == f"{kept:.1f} ({100 * kept / GRID_TOKENS:.0f}%)"
+    assert any(line.startswith("| **all tasks** |") for line in written.splitlines())
+
+    table = workdir / "table.md"
+    run_cli([sys.executable, str(REPO / "scripts" / "eval_llava.py"), "--compare_only", str(suite / "stock"),
+             str(suite / "apt"), "--labels", "stock,APT", "--output", str(table)])
+    assert table.read_text() == compare_dirs(suite / "stock", suite / "apt", ("stock", "APT"))
+    assert f"| {TASK} | pope_accuracy (%) |" in table.read_text()
+
+
+def test_data_parallel_matches_single_process(lmms_eval: Callable[..., Path], llava_hf_run: Path,
+                                              stock: str) -> None:
+    """accelerate launch --num_processes 2: docs split over ranks, answers and image counts gathered."""
+    dp_run = lmms_eval("apt_dp2", MODEL_ID, f"pretrained={stock},{UNMERGED}", batch_size=3, num_processes=2)
+    assert _answers(dp_run) == _answers(llava_hf_run)
+    assert _results(dp_run)["throughput"]["avg_num_images"] == NUM_SAMPLES  # both ranks' images
+
+
+def test_suite_names_a_dataset_that_is_not_available_offline(
+        workdir: Path, run_cli: Callable[..., subprocess.CompletedProcess], stock: str) -> None:
+    done = run_cli([sys.executable, str(REPO / "scripts" / "eval_llava.py"), "--stock", stock, "--tasks", "pope",
+                    "--output_dir", str(workdir / "offline"), "--device", "cpu", "--limit", "2"], check=False)
+    assert done.returncode != 0
+    assert "stock/pope FAILED" in done.stderr and "lmms-lab-encoder/POPE" in done.stderr
+
+
+# -- the model class: loading and bad input (in process, through lmms-eval's model API) --------------------------
+def _requests(docs: list[dict[str, Any]], until: list[str] | None = None) -> list[Instance]:
+    def doc_to_messages(doc: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": [{"type": "image", "url": doc["image"]},
+                                             {"type": "text", "text": doc["question"]}]}]
+
+    gen = {"max_new_tokens": 6, "temperature": 0, **({"until": until} if until else {})}
+    return [Instance("generate_until", (doc["question"], doc_to_messages, dict(gen), i, TASK, "test"), idx=0,
+                     metadata={"task": TASK, "doc_id": i, "repeats": 1}) for i, doc in enumerate(docs)]
+
+
+def _docs(n: int = 4) -> list[dict[str, Any]]:
+    rows = _generator().pope_rows(num_samples=n)
+    return [{**row, "image": Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")} for row in rows]
+
+
+def _generate(lm: AptLlava, docs: list[dict[str, Any]], until: list[str] | None = None) -> list[str]:
+    lm.task_dict = {TASK: {"test": docs}}
+    return [r.text for r in lm.generate_until(_requests(docs, until))]
+
+
+def _apt_model(args: str) -> AptLlava:
+    return get_model(MODEL_ID).create_from_arg_string(args, {"batch_size": 2, "device": "cpu"})
+
+
+def test_apt_checkpoint_loads_with_remote_code_and_takes_overrides(tmp_path: Path, stock: str) -> None:
+    """A saved APT-LLaVA answers as the stock model converted with the same fields; model_args override them."""
+    model = AptLlavaForConditionalGeneration.from_llava(stock, num_scales=2, thresholds=[5.5])
+    processor = AptLlavaProcessor.from_llava_processor(stock, num_scales=2, thresholds=[5.5])
+    model.save_pretrained(tmp_path / "apt")
+    processor.save_pretrained(tmp_path / "apt")
+    docs = _docs()
+
+    saved = _apt_model(f"pretrained={tmp_path / 'apt'}")
+    assert saved.kind == "apt_llava"
+    converted = _apt_model(f"pretrained={stock},{MERGING}")
+    assert converted.kind == "llava->apt_llava"
+    assert _generate(saved, docs) == _generate(converted, docs)
+
+    unmerged = _apt_model(f"pretrained={tmp_path / 'apt'},thresholds=-1")
+    assert unmerged.processor.image_processor.thresholds == [-1.0]
+    assert unmerged.model.config.vision_config.thresholds == [-1.0]
+    stock_lm = _apt_model(f"pretrained={stock}")
+    assert stock_lm.kind == "llava"
+    assert _generate(unmerged, docs) == _generate(stock_lm, docs)
+    # lmms-eval's `until`: the answer stops before the first stop string
+    full = _generate(stock_lm, docs[:1])[0]
+    stop = full[2:5]
+    assert len(stop) == 3
+    assert _generate(stock_lm, docs[:1], until=[stop])[0] == full[: full.index(stop)]
+
+
+def test_simple_mode_and_loglikelihood(stock: str) -> None:
+    """--force_simple (doc_to_visual + context) prompts as the chat mode does; loglikelihood scores continuations."""
+    docs = _docs(3)
+    chat = _apt_model(f"pretrained={stock},{MERGING}")
+    simple = get_model(MODEL_ID, force_simple=True).create_from_arg_string(
+        f"pretrained={stock},{MERGING}", {"batch_size": 2, "device": "cpu"})
+    simple.task_dict = {TASK: {"test": docs}}
+    gen = {"max_new_tokens": 6, "temperature": 0}
+    requests = [Instance("generate_until", (doc["question"], dict(gen), lambda d: [d["image"]], i, TASK, "test"),
+                         idx=0, metadata={"task": TASK, "doc_id": i, "repeats": 1}) for i, doc in enumerate(docs)]
+    greedy = [r.text for r in simple.generate_until(requests)]
+    assert greedy == _generate(chat, docs)
+
+    # loglikelihood: the continuation's summed log-probability, checked against transformers' own loss
+    continuation = " yes no"
+    (logprob, is_greedy), = simple.loglikelihood([Instance(
+        "loglikelihood", (docs[0]["question"], continuation, lambda d: [d["image"]], 0, TASK, "test"), idx=0,
+        metadata={"task": TASK, "doc_id": 0, "repeats": 1})])
+    prompt = simple._render(simple._user_turn(docs[0]["question"], [docs[0]["image"]]), [docs[0]["image"]])
+    inputs = simple.processor(images=[docs[0]["image"]], text=[prompt + continuation], return_tensors="pt")
+    n_context = simple.processor(images=[docs[0]["image"]], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+    labels = inputs["input_ids"].clone()
+    labels[:, :n_context] = -100
+    n_tokens = int((labels != -100).sum())
+    with torch.inference_mode():
+        loss = simple.model(**inputs, labels=labels).loss
+    assert n_tokens == len(simple.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+    assert logprob == pytest.approx(-float(loss) * n_tokens, rel=1e-4)
+    assert is_greedy is False  # a random tiny model does not answer " yes no"
+
+
+def test_unknown_model_args_are_refused(stock: str) -> None:
+    with pytest.raises(ValueError, match=r"model_args: unknown argument\(s\) \['treshold'\].*thresholds"):
+        _apt_model(f"pretrained={stock},treshold=5.5")
+
+
+def test_a_checkpoint_that_is_not_llava_is_refused(tmp_path: Path, stock: str) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from apt_hf.tiny import tiny_vision_config
+
+    CLIPVisionModel(tiny_vision_config()).save_pretrained(tmp_path / "clip")
+    assert isinstance(CLIPVisionConfig.from_pretrained(tmp_path / "clip"), CLIPVisionConfig)
+    with pytest.raises(ValueError, match=r"pretrained: expected an APT-LLaVA .* or LLaVA .*'clip_vision_model'"):
+        _apt_model(f"pretrained={tmp_path / 'clip'}")
+    with pytest.raises(ValueError, match=r"pretrained: .*could not read a config"):
+        _apt_model(f"pretrained={tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="pretrained: expected"):
+        _apt_model("")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ("thresholds=5.5;x", r"thresholds: expected numbers"),
+    ("num_scales=3,thresholds=5.5", r"thresholds"),
+    ("vision_feature_layout=dense", r"vision_feature_layout: expected one of"),
+    ("dtype=float17", r"dtype: expected"),
+])
+def test_bad_apt_fields_are_refused(stock: str, args: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _apt_model(f"pretrained={stock},{args}")
+
+
+def test_batch_size_must_be_a_positive_integer(stock: str) -> None:
+    with pytest.raises(ValueError, match=r"batch_size: expected a positive integer, got 'auto'"):
+        get_model(MODEL_ID).create_from_arg_string(f"pretrained={stock}", {"batch_size": "auto"})
+
+
+def test_parse_thresholds() -> None:
+    assert parse_thresholds(5.75) == [5.75]
+    assert parse_thresholds("5.5;4.0") == [5.5, 4.0]
+    assert parse_thresholds("[5.5, 4.0]") == [5.5, 4.0]
+    assert parse_thresholds(-1.0) == [-1.0]
