@@ -1,14 +1,18 @@
-"""Convert a CLIP or ViT checkpoint to APT: weights (safetensors), config, image processor and remote code.
+"""Convert a CLIP, ViT or LLaVA-1.5 checkpoint to APT: weights (safetensors), config, processor, remote code.
 
     python scripts/convert_to_apt.py --model openai/clip-vit-large-patch14-336 --output_dir apt-clip-vit-l-336
     python scripts/convert_to_apt.py --model google/vit-base-patch16-224 --output_dir apt-vit-b16-224 \\
         --num_scales 3 --thresholds 5.5 4.0
+    python scripts/convert_to_apt.py --model llava-hf/llava-1.5-7b-hf --output_dir apt-llava-1.5-7b \\
+        --vision_feature_layout packed
 
 CLIP checkpoints (full CLIPModel or vision tower) give an AptCLIPVisionModel (the vision tower); ViT
-checkpoints give an AptViTForImageClassification when they have a classifier, else an AptViTModel. Every
+checkpoints give an AptViTForImageClassification when they have a classifier, else an AptViTModel; LLaVA
+checkpoints give an AptLlavaForConditionalGeneration with an AptLlavaProcessor (chat template kept). Every
 pretrained weight is kept; APT adds a merge conv and a zero-initialised MLP, so the converted model reproduces
 the stock one wherever nothing is merged. The output folder loads with `AutoModel` /
-`AutoModelForImageClassification` / `AutoImageProcessor` and `trust_remote_code=True`, or directly after
+`AutoModelForImageClassification` / `AutoImageProcessor` (LLaVA: `AutoModelForImageTextToText` / `AutoProcessor`)
+and `trust_remote_code=True`, or directly after
 `import apt_hf`.
 """
 
@@ -24,21 +28,27 @@ import torch
 from transformers import AutoConfig
 from transformers.utils import logging
 
-from apt_hf.configuration_apt import DEFAULT_THRESHOLDS
+from apt_hf.configuration_apt import DEFAULT_THRESHOLDS, LLAVA_15_THRESHOLDS
 from apt_hf.image_processing_apt import AptImageProcessorPil
 from apt_hf.modeling_apt import AptCLIPVisionModel, AptViTForImageClassification, AptViTModel
+from apt_hf.modeling_apt_llava import AptLlavaForConditionalGeneration
 from apt_hf.patchify import SCORERS
+from apt_hf.processing_apt_llava import VISION_FEATURE_LAYOUTS, AptLlavaProcessor
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="hub id or local folder of a CLIP / CLIP vision / ViT model")
+    parser.add_argument("--model", required=True,
+                        help="hub id or local folder of a CLIP / CLIP vision / ViT / LLaVA-1.5 model")
     parser.add_argument("--output_dir", required=True, type=Path)
     parser.add_argument("--num_scales", type=int, default=2)
     parser.add_argument("--thresholds", type=float, nargs="*", default=None,
-                        help="num_scales - 1 values (default: the paper's, 5.5 for S=2, 5.5 4.0 for S=3)")
+                        help="num_scales - 1 values (default: the paper's: 5.5 for S=2 (LLaVA-1.5: 5.75), "
+                             "5.5 4.0 for S=3)")
+    parser.add_argument("--vision_feature_layout", choices=VISION_FEATURE_LAYOUTS, default="packed",
+                        help="LLaVA only: packed (fewer tokens for the language model) or grid (stock counts)")
     parser.add_argument("--scorer", choices=SCORERS, default="entropy")
     parser.add_argument("--entropy_bins", type=int, default=512)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
@@ -47,20 +57,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def apt_fields(args: argparse.Namespace) -> dict[str, Any]:
+def apt_fields(args: argparse.Namespace, model_type: str) -> dict[str, Any]:
     thresholds = args.thresholds
     if thresholds is None:
         if args.num_scales not in DEFAULT_THRESHOLDS:
             raise SystemExit(f"--thresholds: give {args.num_scales - 1} values for --num_scales {args.num_scales}")
-        thresholds = DEFAULT_THRESHOLDS[args.num_scales]
+        llava_default = model_type == "llava" and args.num_scales == 2
+        thresholds = LLAVA_15_THRESHOLDS if llava_default else DEFAULT_THRESHOLDS[args.num_scales]
     return {"num_scales": args.num_scales, "thresholds": list(thresholds), "scorer": args.scorer,
             "entropy_bins": args.entropy_bins}
 
 
-def convert_model(model: str, fields: dict[str, Any], dtype: Any, revision: str | None):
+def convert_model(model: str, config: Any, fields: dict[str, Any], dtype: Any, revision: str | None,
+                  layout: str):
     """Load the stock checkpoint with its own transformers class and convert it (every weight kept)."""
-    config = AutoConfig.from_pretrained(model, revision=revision)
     load = {"dtype": dtype, "revision": revision}
+    if config.model_type == "llava":
+        return AptLlavaForConditionalGeneration.from_llava(model, vision_feature_layout=layout, **fields, **load)
     if config.model_type in ("clip", "clip_vision_model"):
         verbosity = logging.get_verbosity()
         logging.set_verbosity_error()  # a full CLIP checkpoint: its text tower is "unexpected" by design
@@ -74,13 +87,16 @@ def convert_model(model: str, fields: dict[str, Any], dtype: Any, revision: str 
         return cls.from_vit(model, **fields, **load)
     if config.model_type.startswith("apt_"):
         raise SystemExit(f"--model: {model} is already an APT checkpoint ({config.model_type})")
-    raise SystemExit(f"--model: expected a CLIP, CLIP vision or ViT checkpoint, got model_type={config.model_type!r}"
-                     " (LLaVA: AptLlavaForConditionalGeneration.from_llava)")
+    raise SystemExit(f"--model: expected a CLIP, CLIP vision, ViT or LLaVA checkpoint, got model_type="
+                     f"{config.model_type!r}")
 
 
-def convert_processor(model: str, converted: Any, revision: str | None) -> AptImageProcessorPil:
+def convert_processor(model: str, converted: Any, revision: str | None) -> Any:
     """The checkpoint's own image processor settings plus the APT fields (a default one if it ships none)."""
     config = converted.config
+    if isinstance(converted, AptLlavaForConditionalGeneration):  # tokenizer and chat template kept
+        return AptLlavaProcessor.from_llava_processor(model, vision_feature_layout=config.vision_feature_layout,
+                                                      **config.apt_fields)
     fields = {**config.apt_fields, "patch_size": int(config.patch_size)}
     try:
         from transformers.models.auto.image_processing_auto import AutoImageProcessor
@@ -91,15 +107,14 @@ def convert_processor(model: str, converted: Any, revision: str | None) -> AptIm
         print(f"no image processor in {model}: using resize + crop to {side} with the config's mean/std")
         return AptImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
                                     image_mean=config.image_mean, image_std=config.image_std, **fields)
-    if "do_center_crop" not in stock.to_dict():  # e.g. ViT: plain resize; the LLaVA base would centre-crop
-        fields["do_center_crop"] = False
     return AptImageProcessorPil.from_image_processor(stock, **fields)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
-    fields = apt_fields(args)
-    model = convert_model(args.model, fields, DTYPES[args.dtype], args.revision)
+    config = AutoConfig.from_pretrained(args.model, revision=args.revision)
+    fields = apt_fields(args, config.model_type)
+    model = convert_model(args.model, config, fields, DTYPES[args.dtype], args.revision, args.vision_feature_layout)
     processor = convert_processor(args.model, model, args.revision)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output_dir)

@@ -207,3 +207,29 @@ def test_bad_inputs_raise_clear_errors(tiny, photos):
         AptLlavaProcessor.from_llava_processor(processor, vision_feature_layout="dense")
     with pytest.raises(ValueError, match="LlavaForConditionalGeneration"):
         AptLlavaForConditionalGeneration.from_llava(model)
+
+
+@pytest.mark.parametrize("layout", ["packed", "grid"])
+def test_convert_script_handles_llava_checkpoints(tmp_path, tiny, photos, layout):
+    import importlib.util
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    stock, processor = tiny
+    stock.save_pretrained(tmp_path / "stock")
+    processor.save_pretrained(tmp_path / "stock")
+    spec = importlib.util.spec_from_file_location("convert_to_apt", "scripts/convert_to_apt.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--model", str(tmp_path / "stock"), "--output_dir", str(tmp_path / "apt"),
+                 "--vision_feature_layout", layout])
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "apt", trust_remote_code=True).eval()
+    apt_processor = AutoProcessor.from_pretrained(tmp_path / "apt", trust_remote_code=True)
+    assert isinstance(model, AptLlavaForConditionalGeneration) and isinstance(apt_processor, AptLlavaProcessor)
+    assert model.config.vision_feature_layout == apt_processor.vision_feature_layout == layout
+    assert model.config.thresholds == apt_processor.image_processor.thresholds == [5.75]  # LLaVA-1.5's default
+    assert apt_processor.chat_template == processor.chat_template
+    expected, _ = convert(stock, processor, layout, [5.75])
+    batch = apt_processor(images=photos[:2], text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected(**batch).logits, rtol=0, atol=0)

@@ -69,6 +69,7 @@ class AptImageProcessingMixin:
             settings.pop(key, None)
         known = set(cls.valid_kwargs.__annotations__) | set(AptImageProcessorKwargs.__annotations__)
         settings = {k: v for k, v in settings.items() if k in known}
+        settings.setdefault("do_center_crop", False)  # e.g. ViT: a plain resize, where the LLaVA base would crop
         settings.update(apt_fields)
         return cls(**settings)
 
