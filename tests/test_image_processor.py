@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil
+from transformers.utils import is_torchvision_available
 
 from apt_hf.image_processing_apt import APT_IMAGE_KEYS, AptImageProcessor, AptImageProcessorPil
 from apt_hf.patchify import PatchLayout, compute_layout, unpack_base_patches, validate_layout
@@ -12,6 +13,14 @@ from apt_hf.sample_images import load_photos
 
 LLAVA_336 = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
 SMALL = {"size": {"shortest_edge": 112}, "crop_size": {"height": 112, "width": 84}}
+
+# (APT class, CLIP class, LLaVA class) per transformers backend installed here. The PIL backend is always
+# there; torchvision's is where torchvision imports (CI's lmms-eval environment runs this file too).
+BACKENDS = {"pil": (AptImageProcessorPil, CLIPImageProcessorPil, LlavaImageProcessorPil)}
+if is_torchvision_available():
+    from transformers import CLIPImageProcessor, LlavaImageProcessor
+
+    BACKENDS["torchvision"] = (AptImageProcessor, CLIPImageProcessor, LlavaImageProcessor)
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +37,19 @@ def processed_images(batch) -> torch.Tensor:
     return torch.stack(unpack_base_patches(batch["pixel_values"], layout_of(batch)))
 
 
-@pytest.mark.parametrize("stock_cls, kwargs", [
-    (CLIPImageProcessorPil, LLAVA_336),
-    (CLIPImageProcessorPil, SMALL),
-    (LlavaImageProcessorPil, {**LLAVA_336, "do_pad": True}),
-    (LlavaImageProcessorPil, {**SMALL, "do_pad": True, "patch_size": 28}),
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("stock_kind, kwargs", [
+    ("clip", LLAVA_336),
+    ("clip", SMALL),
+    ("llava", {**LLAVA_336, "do_pad": True}),
+    ("llava", {**SMALL, "do_pad": True, "patch_size": 28}),
 ])
-def test_pixels_equal_transformers_and_reassemble(photos, stock_cls, kwargs):
+def test_pixels_equal_transformers_and_reassemble(photos, backend, stock_kind, kwargs):
+    apt_cls, clip_cls, llava_cls = BACKENDS[backend]
+    kwargs = dict(kwargs)
     patch = kwargs.pop("patch_size", 14)
-    stock = stock_cls(**kwargs)(photos, return_tensors="pt")["pixel_values"]
-    batch = AptImageProcessor(patch_size=patch, **kwargs)(photos, return_tensors="pt")
+    stock = (clip_cls if stock_kind == "clip" else llava_cls)(**kwargs)(photos, return_tensors="pt")["pixel_values"]
+    batch = apt_cls(patch_size=patch, **kwargs)(photos, return_tensors="pt")
     assert set(batch.keys()) == set(APT_IMAGE_KEYS)
     assert torch.equal(processed_images(batch), stock)  # bit-identical pixels, packed and unpacked losslessly
     rows, cols = stock.shape[-2] // patch, stock.shape[-1] // patch
@@ -46,14 +58,16 @@ def test_pixels_equal_transformers_and_reassemble(photos, stock_cls, kwargs):
     validate_layout(layout_of(batch), num_scales=2, num_base_patches=batch["pixel_values"].shape[0])
 
 
-def test_layout_equals_patchify_of_the_8bit_image(photos):
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_layout_equals_patchify_of_the_8bit_image(photos, backend):
     """Scoring sees exactly the 8-bit image the model sees (resize + crop, before rescale/normalize)."""
-    eight_bit = CLIPImageProcessorPil(do_rescale=False, do_normalize=False, **LLAVA_336)(photos)["pixel_values"]
-    eight_bit = torch.stack([torch.from_numpy(np.asarray(x)) for x in eight_bit])
+    apt_cls, clip_cls, _ = BACKENDS[backend]
+    eight_bit = clip_cls(do_rescale=False, do_normalize=False, **LLAVA_336)(photos)["pixel_values"]
+    eight_bit = torch.stack([torch.as_tensor(np.asarray(x)) for x in eight_bit])
     assert eight_bit.dtype == torch.uint8
     for num_scales, thresholds in [(2, [5.75]), (3, [5.5, 4.0])]:
         expected = compute_layout(eight_bit, 14, num_scales, thresholds)
-        batch = AptImageProcessor(num_scales=num_scales, thresholds=thresholds, **LLAVA_336)(photos)
+        batch = apt_cls(num_scales=num_scales, thresholds=thresholds, **LLAVA_336)(photos)
         for key in ("patch_scales", "patch_positions", "tokens_per_image", "image_grid_hw"):
             assert torch.equal(batch[key], getattr(expected, key)), key
         assert (batch["tokens_per_image"] < 24 * 24).all()  # real photos do merge at the paper's thresholds
@@ -84,11 +98,13 @@ def test_mixed_sizes_keep_input_order(photos):
     assert tall(a)["image_grid_hw"].tolist() == [[12, 8]]
 
 
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
-def test_image_modes_are_converted_like_clip(photos, mode):
+def test_image_modes_are_converted_like_clip(photos, mode, backend):
+    apt_cls, clip_cls, _ = BACKENDS[backend]
     image = photos[1].convert(mode) if mode != "I;16" else photos[1].convert("L").convert("I;16")
-    stock = CLIPImageProcessorPil(**SMALL)(image, return_tensors="pt")["pixel_values"]
-    batch = AptImageProcessor(**SMALL)(image, return_tensors="pt")
+    stock = clip_cls(**SMALL)(image, return_tensors="pt")["pixel_values"]
+    batch = apt_cls(**SMALL)(image, return_tensors="pt")
     assert torch.equal(processed_images(batch), stock)
 
 
@@ -108,9 +124,11 @@ def test_save_load_round_trip_and_auto(tmp_path, photos):
             assert torch.equal(loaded(photos[:2])[key], processor(photos[:2])[key])
 
 
-def test_from_image_processor_keeps_the_stock_settings(photos):
-    stock = LlavaImageProcessorPil(do_pad=True, **SMALL)
-    apt = AptImageProcessor.from_image_processor(stock, patch_size=14, thresholds=[4.0])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_from_image_processor_keeps_the_stock_settings(photos, backend):
+    apt_cls, _, llava_cls = BACKENDS[backend]
+    stock = llava_cls(do_pad=True, **SMALL)
+    apt = apt_cls.from_image_processor(stock, patch_size=14, thresholds=[4.0])
     assert apt.do_pad and apt.crop_size == stock.crop_size and apt.thresholds == [4.0]
     assert torch.equal(processed_images(apt(photos[:2], return_tensors="pt")),
                        stock(photos[:2], return_tensors="pt")["pixel_values"])

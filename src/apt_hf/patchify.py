@@ -17,7 +17,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -176,9 +176,19 @@ def entropy_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int],
             r, c = counts.shape[1] // 2, counts.shape[2] // 2
             counts = counts[:, : 2 * r, : 2 * c].view(b, r, 2, c, 2, bins).sum(dim=(2, 4))
         if s in scales:
-            q = counts.to(torch.float64) / float((patch_size << s) ** 2)
-            out[s] = -torch.special.xlogy(q, q).sum(-1) / math.log(2)
+            plogp = _plogp_table((patch_size << s) ** 2, str(images.device))
+            out[s] = -plogp[counts].sum(-1) / math.log(2)
     return out
+
+
+@lru_cache(maxsize=16)
+def _plogp_table(pixels: int, device: str) -> torch.Tensor:
+    """q ln q for every possible count (q = count / pixels): a gather instead of a log per histogram bin.
+
+    Entries are exactly xlogy(q, q), so entropies are bit-identical to computing it on the histograms.
+    """
+    q = torch.arange(pixels + 1, dtype=torch.float64, device=device) / float(pixels)
+    return torch.special.xlogy(q, q)
 
 
 def _pool_full_patches(per_pixel: torch.Tensor, patch_size: int, scale: int) -> torch.Tensor:

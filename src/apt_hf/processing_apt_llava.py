@@ -11,7 +11,7 @@ from typing import Any
 from transformers.image_utils import make_flat_list_of_images
 from transformers.models.llava.processing_llava import LlavaProcessor
 
-from .image_processing_apt import AptImageProcessorPil
+from .image_processing_apt import AptImageProcessor, AptImageProcessorPil
 
 VISION_FEATURE_LAYOUTS = ("packed", "grid")
 
@@ -57,7 +57,10 @@ class AptLlavaProcessor(LlavaProcessor):
         if not isinstance(stock, LlavaProcessor):
             raise ValueError(f"processor_or_path: expected a LlavaProcessor, got {type(stock).__name__}")
         apt_fields.setdefault("patch_size", stock.patch_size)
-        image_processor = AptImageProcessorPil.from_image_processor(stock.image_processor, **apt_fields)
+        # Same backend as the stock processor: PIL and torchvision resizing differ slightly.
+        backend = getattr(stock.image_processor, "backend", "pil")
+        apt_class = AptImageProcessor if backend == "torchvision" else AptImageProcessorPil
+        image_processor = apt_class.from_image_processor(stock.image_processor, **apt_fields)
         return cls(
             image_processor=image_processor, tokenizer=stock.tokenizer, patch_size=stock.patch_size,
             vision_feature_select_strategy=stock.vision_feature_select_strategy, chat_template=stock.chat_template,
