@@ -49,7 +49,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument("--skip_generation", action="store_true")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall-clock time, or this process's CPU time (robust on a busy machine; CPU only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu: only meaningful with --device cpu")
     args.dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     return args
 
@@ -69,19 +74,22 @@ def prefill_flops(model: Any, vision_tokens: Sequence[int], text_lengths: Sequen
     return tower + projector + text
 
 
-def timed(fn: Callable[[], Any], device: str) -> float:
+def timed(fn: Callable[[], Any], device: str, clock: str = "wall") -> float:
+    now = time.process_time if clock == "cpu" else time.perf_counter
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = now()
     with torch.no_grad():
         fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return now() - start
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     vision_hidden, vision_layers, vision_heads, vision_mlp = PRESETS[args.preset]["vision"]
     text_hidden, text_layers, text_heads, text_mlp = PRESETS[args.preset]["text"]
     vision = tiny_vision_config(hidden_size=vision_hidden, layers=vision_layers, heads=vision_heads, image_size=336,
@@ -122,10 +130,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     times: dict[tuple[str, str], list[float]] = {(p, n): [] for p in phases for n in models}
     for phase, make in phases.items():
         for name in models:  # warm-up
-            timed(make(name), args.device)
+            timed(make(name), args.device, args.clock)
         for _ in range(args.repeats):
             for name in models:
-                times[(phase, name)].append(timed(make(name), args.device))
+                times[(phase, name)].append(timed(make(name), args.device, args.clock))
 
     image_token = stock.config.image_token_id
     stats = {}
@@ -139,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"## LLaVA-1.5 ({args.preset} preset) stock vs APT, thresholds {args.thresholds}\n")
     print(f"{n_images} photos in batches of {args.batch_size}; {args.device} {str(args.dtype).split('.')[-1]}, "
           f"attn {args.attn_implementation}; tower {vision_hidden}x{vision_layers} at 336/14, language model "
-          f"{text_hidden}x{text_layers}; median of {args.repeats}; torch {torch.__version__} "
+          f"{text_hidden}x{text_layers}; median of {args.repeats} ({args.clock} clock); torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, {platform.machine()} "
           f"x{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}\n")
     header = "| model | visual tokens to LM / image | ideal prefill speedup |"
