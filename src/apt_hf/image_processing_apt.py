@@ -155,6 +155,11 @@ def _check_input_values(image: Any, index: int) -> None:
         )
 
 
+def _batch(images: list[torch.Tensor], members: list[int]) -> torch.Tensor:
+    """Stack the group's images (a view, not a copy, for the common single image)."""
+    return images[members[0]][None] if len(members) == 1 else torch.stack([images[i] for i in members])
+
+
 def _pack_in_order(
     pixels: list[torch.Tensor],
     eight_bit: list[torch.Tensor],
@@ -170,9 +175,8 @@ def _pack_in_order(
         groups.setdefault(tuple(p.shape), []).append(i)
     per_image: list[tuple[torch.Tensor, PatchLayout]] = [None] * len(pixels)  # type: ignore[list-item]
     for members in groups.values():
-        layout = compute_layout(torch.stack([eight_bit[i] for i in members]), patch_size, num_scales, thresholds,
-                                scorer, entropy_bins)
-        packed = pack_base_patches(torch.stack([pixels[i] for i in members]), layout, patch_size)
+        layout = compute_layout(_batch(eight_bit, members), patch_size, num_scales, thresholds, scorer, entropy_bins)
+        packed = pack_base_patches(_batch(pixels, members), layout, patch_size)
         if len(groups) == 1:
             return packed, layout
         cells = (1 << (2 * layout.patch_scales)).split(layout.tokens_per_image.tolist())

@@ -334,8 +334,9 @@ def pack_base_patches(images: torch.Tensor, layout: PatchLayout, patch_size: int
     """(B, C, H, W) same-size images -> (sum of base cells, C, p, p) base patches in token order."""
     b, ch, h, w = images.shape
     p = patch_size
-    cells = images.reshape(b, ch, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, ch * p * p)
-    return cells.index_select(0, base_patch_index(layout)[0]).view(-1, ch, p, p)
+    # unflatten splits dims as views whatever the strides (e.g. channels-last numpy from PIL): one copy here.
+    cells = images.unflatten(3, (w // p, p)).unflatten(2, (h // p, p)).permute(0, 2, 4, 1, 3, 5)
+    return cells.reshape(-1, ch * p * p).index_select(0, base_patch_index(layout)[0]).view(-1, ch, p, p)
 
 
 def unpack_base_patches(pixel_values: torch.Tensor, layout: PatchLayout) -> list[torch.Tensor]:
