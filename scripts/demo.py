@@ -91,7 +91,8 @@ def llava(output_dir: Path) -> Path:
     print("\n== 3. tiny LLaVA-1.5 -> APT-LLaVA, chat (random weights: the words are noise, the plumbing is real) ==")
     stock, stock_processor = build_tiny_llava(vision=tiny_vision_config(image_size=336))
     photo = load_photos(("coffee.png",))["coffee"]
-    print(f"stock LLaVA: answer {chat(stock, stock_processor, photo, 'What is in the cup?')}")
+    answer, visual_tokens = chat(stock, stock_processor, photo, "What is in the cup?")
+    print(f"stock LLaVA: {visual_tokens} visual tokens, answer {answer!r}")
     for layout in ("packed", "grid"):
         model = AptLlavaForConditionalGeneration.from_llava(stock, vision_feature_layout=layout, thresholds=[5.75])
         processor = AptLlavaProcessor.from_llava_processor(stock_processor, vision_feature_layout=layout,
