@@ -288,7 +288,7 @@ def _adopt(model: nn.Module, stock: nn.Module) -> None:
     stock_buffers = dict(stock.named_buffers())
     tower = model.model.vision_tower
     new = {name for name, _ in model.named_apt_parameters()}
-    like = next(stock.parameters())
+    like = stock.model.vision_tower.get_input_embeddings().weight  # new APT weights live beside the tower's
     params = {name for name, _ in model.named_parameters()}
     for name in [*params, *(name for name, _ in model.named_buffers())]:
         if name in new:
