@@ -15,19 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
-pytest.importorskip("accelerate")
-pytest.importorskip("datasets")
-pytest.importorskip("peft")
-
-from PIL import Image  # noqa: E402
-from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration  # noqa: E402
-
-from apt_hf import AptLlavaForConditionalGeneration, AptLlavaProcessor  # noqa: E402
-from apt_hf.tiny import LLAVA_15_CHAT_TEMPLATE, build_tiny_llava, save_tiny_llava, tiny_vision_config  # noqa: E402
-from apt_hf.training.arguments import parse_args  # noqa: E402
-from apt_hf.training.collator import IGNORE_INDEX, AptLlavaDataCollator  # noqa: E402
-from apt_hf.training.data import load_training_dataset, make_tiny_dataset  # noqa: E402
+from apt_hf import AptLlavaForConditionalGeneration, AptLlavaProcessor
+from apt_hf.tiny import LLAVA_15_CHAT_TEMPLATE, build_tiny_llava, save_tiny_llava, tiny_vision_config
+from apt_hf.training.arguments import parse_args
+from apt_hf.training.collator import IGNORE_INDEX, AptLlavaDataCollator
+from apt_hf.training.data import load_training_dataset, make_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "finetune_llava.py"
