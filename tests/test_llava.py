@@ -168,6 +168,7 @@ def test_from_llava_keeps_every_weight_and_zero_inits_apt(tiny):
         if name in new:
             continue
         assert torch.equal(tensor, stock_state[name]), name
+        assert tensor.data_ptr() == stock_state[name].data_ptr(), f"{name} was copied, not adopted"
     for name, param in model.named_apt_parameters():
         assert not param.is_meta
         if "zero_mlp" in name:
