@@ -28,11 +28,10 @@ import torch
 from transformers import AutoConfig
 from transformers.utils import logging
 
-from apt_hf.configuration_apt import DEFAULT_THRESHOLDS, LLAVA_15_THRESHOLDS
 from apt_hf.image_processing_apt import AptImageProcessorPil
 from apt_hf.modeling_apt import AptCLIPVisionModel, AptViTForImageClassification, AptViTModel
 from apt_hf.modeling_apt_llava import AptLlavaForConditionalGeneration
-from apt_hf.patchify import SCORERS
+from apt_hf.patchify import SCORERS, default_thresholds
 from apt_hf.processing_apt_llava import VISION_FEATURE_LAYOUTS, AptLlavaProcessor
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,8 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, type=Path)
     parser.add_argument("--num_scales", type=int, default=2)
     parser.add_argument("--thresholds", type=float, nargs="*", default=None,
-                        help="num_scales - 1 values (default: the paper's: 5.5 for S=2 (LLaVA-1.5: 5.75), "
-                             "5.5 4.0 for S=3)")
+                        help="num_scales - 1 values (default: the paper's for the scorer; entropy: 5.5 for S=2 "
+                             "(LLaVA-1.5: 5.75), 5.5 4.0 for S=3)")
     parser.add_argument("--vision_feature_layout", choices=VISION_FEATURE_LAYOUTS, default="packed",
                         help="LLaVA only: packed (fewer tokens for the language model) or grid (stock counts)")
     parser.add_argument("--scorer", choices=SCORERS, default="entropy")
@@ -60,10 +59,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def apt_fields(args: argparse.Namespace, model_type: str) -> dict[str, Any]:
     thresholds = args.thresholds
     if thresholds is None:
-        if args.num_scales not in DEFAULT_THRESHOLDS:
-            raise SystemExit(f"--thresholds: give {args.num_scales - 1} values for --num_scales {args.num_scales}")
-        llava_default = model_type == "llava" and args.num_scales == 2
-        thresholds = LLAVA_15_THRESHOLDS if llava_default else DEFAULT_THRESHOLDS[args.num_scales]
+        try:
+            thresholds = default_thresholds(args.num_scales, args.scorer, llava=model_type == "llava")
+        except ValueError as err:
+            raise SystemExit(f"--{err}") from None
     return {"num_scales": args.num_scales, "thresholds": list(thresholds), "scorer": args.scorer,
             "entropy_bins": args.entropy_bins}
 

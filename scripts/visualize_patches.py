@@ -19,11 +19,8 @@ from pathlib import Path
 from PIL import Image
 
 from apt_hf.image_processing_apt import AptImageProcessor
-from apt_hf.patchify import SCORERS
+from apt_hf.patchify import SCORERS, default_thresholds
 from apt_hf.visualization import add_header, draw_layout, legend_entries, processed_images, side_by_side, split_layout
-
-# Entropy thresholds per num_scales when none are given: LLaVA-1.5 at 336/14 for S=2, the paper's for S=3.
-DEFAULT_ENTROPY_THRESHOLDS = {1: [], 2: [5.75], 3: [5.5, 4.0]}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -34,7 +31,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--patch_size", type=int, default=14)
     parser.add_argument("--num_scales", type=int, default=2)
     parser.add_argument("--thresholds", type=float, nargs="*", default=None,
-                        help="num_scales - 1 values (default: 5.75 for S=2, 5.5 4.0 for S=3, entropy scorer)")
+                        help="num_scales - 1 values (default: the scorer's; entropy: 5.75 for S=2, 5.5 4.0 for S=3)")
     parser.add_argument("--scorer", choices=SCORERS, default="entropy")
     parser.add_argument("--entropy_bins", type=int, default=512)
     parser.add_argument("--size", type=int, default=336, help="shortest edge after resize")
@@ -45,10 +42,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--line_width", type=int, default=1)
     args = parser.parse_args(argv)
     if args.thresholds is None:
-        if args.scorer != "entropy" or args.num_scales not in DEFAULT_ENTROPY_THRESHOLDS:
-            parser.error(f"--thresholds: pass {args.num_scales - 1} value(s) for scorer={args.scorer}, "
-                         f"num_scales={args.num_scales}")
-        args.thresholds = DEFAULT_ENTROPY_THRESHOLDS[args.num_scales]
+        try:  # LLaVA-1.5's setting at 336/14 (the processor's defaults), else the paper's for the scorer
+            args.thresholds = default_thresholds(args.num_scales, args.scorer, llava=True)
+        except ValueError as err:
+            parser.error(f"--{err}")
     return args
 
 

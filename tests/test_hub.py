@@ -45,9 +45,10 @@ REPO = "me/apt-tiny"
 TOKEN = "hf_SENTINELtoken0123456789"  # a fake token: must reach the Authorization header and nowhere else
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "push_to_hub.py"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-REMOTE_CODE = {"configuration_apt.py", "modeling_apt.py", "modeling_apt_llava.py", "patchify.py",
-               "image_processing_apt.py", "processing_apt_llava.py"}
-VISION_CODE = {"configuration_apt.py", "modeling_apt.py", "patchify.py", "image_processing_apt.py"}
+REMOTE_CODE = {"configuration_apt.py", "modeling_apt.py", "modeling_apt_llava.py", "packed_attention.py",
+               "patchify.py", "image_processing_apt.py", "processing_apt_llava.py"}
+VISION_CODE = {"configuration_apt.py", "modeling_apt.py", "packed_attention.py", "patchify.py",
+               "image_processing_apt.py"}
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 SIZES = {"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}}
 
@@ -199,9 +200,12 @@ def test_llava_dry_run_folder_is_the_upload_set(llava_dry_run, llava):
     config = json.loads((llava_dry_run / "config.json").read_text())
     processor = json.loads((llava_dry_run / "processor_config.json").read_text())
     auto_map = {**config["auto_map"], **processor["auto_map"], **processor["image_processor"]["auto_map"]}
-    for auto_class in ("AutoConfig", "AutoModelForImageTextToText", "AutoProcessor", "AutoImageProcessor"):
-        module, class_name = auto_map[auto_class].split(".")
-        assert f"class {class_name}(" in (llava_dry_run / f"{module}.py").read_text(), auto_class
+    assert auto_map["AutoImageProcessor"] == {"pil": "image_processing_apt.AptImageProcessorPil",
+                                              "torchvision": "image_processing_apt.AptImageProcessor"}
+    targets = [auto_map[c] for c in ("AutoConfig", "AutoModelForImageTextToText", "AutoProcessor")]
+    for target in [*targets, *auto_map["AutoImageProcessor"].values()]:
+        module, class_name = target.split(".")
+        assert f"class {class_name}(" in (llava_dry_run / f"{module}.py").read_text(), target
 
 
 def test_llava_card_metadata_and_results_match_lmms_eval(llava_dry_run):
@@ -236,7 +240,8 @@ def test_vision_dry_runs_hold_their_auto_classes_and_cards(vision_dry_runs):
         config = json.loads((folder / "config.json").read_text())
         assert set(auto_classes) <= set(config["auto_map"])
         image_map = json.loads((folder / "preprocessor_config.json").read_text())["auto_map"]
-        assert image_map["AutoImageProcessor"] == "image_processing_apt.AptImageProcessorPil"
+        assert image_map["AutoImageProcessor"] == {"pil": "image_processing_apt.AptImageProcessorPil",
+                                                   "torchvision": "image_processing_apt.AptImageProcessor"}
         card = ModelCard.load(folder / "README.md")
         assert card.data.pipeline_tag == pipeline_tag and card.data.library_name == "transformers"
         assert "apt" in card.data.tags and card.data.eval_results is None

@@ -1,5 +1,11 @@
 """AptImageProcessor: transformers' pixels, APT packing, round trips and clear errors."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +184,218 @@ def test_bad_pixel_values_raise():
     # Integer arrays that hold 8-bit values are accepted.
     ok = (np.arange(28 * 28 * 3).reshape(28, 28, 3) % 256).astype(np.int64)
     assert processor(ok)["tokens_per_image"].shape == (1,)
+
+
+# -- backends as transformers names them ("pil" | "torchvision") ------------------------------------------------------
+APT_FIELDS = {"patch_size": 14, "num_scales": 3, "thresholds": [0.05, 0.03], "scorer": "laplacian",
+              "entropy_bins": 256}  # none of them the default
+
+REMOTE_BACKENDS = textwrap.dedent("""
+    import json, sys
+    sys.modules["apt_hf"] = None  # apt_hf cannot be imported: only the saved code is available
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level needs torchvision
+
+    root, backends = sys.argv[1], sys.argv[2:]
+    photos = [Image.open(f"{root}/photo{i}.png") for i in range(2)]
+    report, outputs = {}, {}
+    for backend in backends:
+        kwargs = {} if backend == "default" else {"backend": backend}
+        image = AutoImageProcessor.from_pretrained(f"{root}/image", trust_remote_code=True, **kwargs)
+        llava = AutoProcessor.from_pretrained(f"{root}/llava", trust_remote_code=True, **kwargs)
+        for name, p in (("image", image), ("llava", llava.image_processor)):
+            report[f"{backend}/{name}"] = {
+                "class": type(p).__name__, "module": type(p).__module__, "backend": p.backend,
+                "fields": {k: p.to_dict()[k] for k in ("patch_size", "num_scales", "thresholds", "scorer",
+                                                       "entropy_bins", "do_pad", "crop_size")},
+                "processor": type(llava).__name__,
+            }
+            outputs[f"{backend}/{name}"] = dict(p(photos, return_tensors="pt"))
+    try:
+        AutoProcessor.from_pretrained(f"{root}/llava", trust_remote_code=True, backend="tensorflow")
+    except ValueError as err:
+        report["unknown"] = str(err)
+    torch.save(outputs, f"{root}/remote.pt")
+    print(json.dumps(report))
+""")
+
+
+def apt_fields_of(processor) -> dict:
+    settings = processor.to_dict()
+    return {k: settings[k] for k in (*APT_FIELDS, "do_pad", "crop_size")}
+
+
+@pytest.fixture(scope="module")
+def saved_processors(tmp_path_factory, photos):
+    """An APT image processor and an AptLlavaProcessor (non-default APT fields) saved on the PIL backend."""
+    from apt_hf.processing_apt_llava import AptLlavaProcessor
+    from apt_hf.tiny import build_tiny_llava
+
+    root = tmp_path_factory.mktemp("backends")
+    image = AptImageProcessorPil(**APT_FIELDS, do_pad=True, **SMALL)
+    image.save_pretrained(root / "image")
+    _, stock = build_tiny_llava()
+    llava = AptLlavaProcessor.from_llava_processor(stock, backend="pil", **APT_FIELDS)
+    llava.save_pretrained(root / "llava")
+    for i, photo in enumerate(photos[:2]):
+        photo.save(root / f"photo{i}.png")
+    return root, image, llava
+
+
+def run_remote(root, *backends: str) -> tuple[dict, dict, str]:
+    """Load the saved processors per backend in a process where apt_hf cannot be imported."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(root / f"modules_{'_'.join(backends)}"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", REMOTE_BACKENDS, str(root), *backends], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), torch.load(root / "remote.pt"), result.stderr
+
+
+def assert_same_outputs(actual: dict, expected: dict) -> None:
+    assert set(actual) == set(APT_IMAGE_KEYS)
+    for key in APT_IMAGE_KEYS:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def test_saved_auto_map_names_both_backends(saved_processors):
+    root, _, _ = saved_processors
+    both = {"pil": "image_processing_apt.AptImageProcessorPil", "torchvision": "image_processing_apt.AptImageProcessor"}
+    image_config = json.loads((root / "image" / "preprocessor_config.json").read_text())
+    assert image_config["auto_map"]["AutoImageProcessor"] == both
+    llava_config = json.loads((root / "llava" / "processor_config.json").read_text())
+    assert llava_config["image_processor"]["auto_map"]["AutoImageProcessor"] == both
+    assert llava_config["auto_map"]["AutoProcessor"] == "processing_apt_llava.AptLlavaProcessor"
+
+
+def test_pil_backend_round_trip_with_apt_hf(saved_processors, photos):
+    from transformers import AutoProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    import apt_hf  # noqa: F401  (registers the Auto classes)
+
+    root, image, llava = saved_processors
+    loaded = AutoImageProcessor.from_pretrained(root / "image", trust_remote_code=True, backend="pil")
+    assert type(loaded) is AptImageProcessorPil and loaded.backend == "pil"
+    assert apt_fields_of(loaded) == apt_fields_of(image)
+    assert_same_outputs(loaded(photos[:2], return_tensors="pt"), image(photos[:2], return_tensors="pt"))
+    loaded_llava = AutoProcessor.from_pretrained(root / "llava", trust_remote_code=True, backend="pil")
+    assert type(loaded_llava) is type(llava) and type(loaded_llava.image_processor) is AptImageProcessorPil
+    assert apt_fields_of(loaded_llava.image_processor) == apt_fields_of(llava.image_processor)
+    with pytest.raises(ValueError, match=r"backend: expected one of \('pil', 'torchvision'\), got 'tensorflow'"):
+        AutoProcessor.from_pretrained(root / "llava", trust_remote_code=True, backend="tensorflow")
+
+
+def test_pil_backend_round_trip_as_remote_code(saved_processors, photos):
+    root, image, llava = saved_processors
+    backends = ["pil", "default"] + ([] if is_torchvision_available() else ["torchvision"])
+    report, outputs, stderr = run_remote(root, *backends)
+    expected = {name: p(photos[:2], return_tensors="pt") for name, p in (("image", image),
+                                                                         ("llava", llava.image_processor))}
+    for name, local in (("image", image), ("llava", llava.image_processor)):
+        got = report[f"pil/{name}"]
+        assert got["class"] == "AptImageProcessorPil" and got["backend"] == "pil"
+        assert got["module"].startswith("transformers_modules.") and got["processor"] == "AptLlavaProcessor"
+        assert got["fields"] == apt_fields_of(local)
+        assert_same_outputs(outputs[f"pil/{name}"], expected[name])
+        # No backend: transformers' default (torchvision where installed, else PIL).
+        assert report[f"default/{name}"]["backend"] == ("torchvision" if is_torchvision_available() else "pil")
+        if not is_torchvision_available():  # asked for torchvision without it: the PIL class, with a warning
+            assert report[f"torchvision/{name}"]["class"] == "AptImageProcessorPil"
+            assert_same_outputs(outputs[f"torchvision/{name}"], expected[name])
+    if not is_torchvision_available():
+        assert "backend 'torchvision' (AptImageProcessor) needs torchvision, which is not installed" in stderr
+    assert "backend: expected one of ('pil', 'torchvision'), got 'tensorflow'" in report["unknown"]
+
+
+def test_torchvision_backend_round_trip(saved_processors, photos):
+    pytest.importorskip("torchvision")
+    from transformers import AutoProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    import apt_hf  # noqa: F401
+
+    root, image, llava = saved_processors
+    expected = AptImageProcessor.from_image_processor(image)  # the same settings on the torchvision backend
+    assert expected.backend == "torchvision"
+    local = AutoImageProcessor.from_pretrained(root / "image", trust_remote_code=True, backend="torchvision")
+    local_llava = AutoProcessor.from_pretrained(root / "llava", trust_remote_code=True, backend="torchvision")
+    assert type(local) is AptImageProcessor and type(local_llava.image_processor) is AptImageProcessor
+    assert apt_fields_of(local) == apt_fields_of(image)
+    assert apt_fields_of(local_llava.image_processor) == apt_fields_of(llava.image_processor)
+    assert_same_outputs(local(photos[:2], return_tensors="pt"), expected(photos[:2], return_tensors="pt"))
+
+    report, outputs, _ = run_remote(root, "torchvision")
+    for name, saved in (("image", image), ("llava", llava.image_processor)):
+        got = report[f"torchvision/{name}"]
+        assert got["class"] == "AptImageProcessor" and got["backend"] == "torchvision"
+        assert got["module"].startswith("transformers_modules.")
+        assert got["fields"] == apt_fields_of(saved)
+    assert_same_outputs(outputs["torchvision/image"], expected(photos[:2], return_tensors="pt"))
+
+
+def test_from_image_processor_picks_the_backend(tmp_path, photos):
+    stock = LlavaImageProcessorPil(do_pad=True, **SMALL)
+    for cls in (AptImageProcessorPil, AptImageProcessor):
+        apt = cls.from_image_processor(stock, backend="pil", **APT_FIELDS)
+        assert type(apt) is AptImageProcessorPil
+        assert apt_fields_of(apt) == {**APT_FIELDS, "do_pad": True, "crop_size": SMALL["crop_size"]}
+    assert type(AptImageProcessorPil.from_image_processor(stock)) is AptImageProcessorPil  # no backend: this class
+    stock.save_pretrained(tmp_path)
+    from_path = AptImageProcessorPil.from_image_processor(str(tmp_path), backend="pil", **APT_FIELDS)
+    assert type(from_path) is AptImageProcessorPil and apt_fields_of(from_path) == apt_fields_of(apt)
+    assert_same_outputs(from_path(photos[:2], return_tensors="pt"), apt(photos[:2], return_tensors="pt"))
+    for bad in ("tensorflow", "fast", ""):
+        with pytest.raises(ValueError, match=rf"backend: expected one of \('pil', 'torchvision'\), got '{bad}'"):
+            AptImageProcessorPil.from_image_processor(stock, backend=bad)
+    if not is_torchvision_available():  # as transformers: the PIL class (its warning is checked as remote code)
+        assert type(AptImageProcessorPil.from_image_processor(stock, backend="torchvision")) is AptImageProcessorPil
+
+
+def test_from_image_processor_torchvision_backend(photos):
+    pytest.importorskip("torchvision")
+    from transformers import LlavaImageProcessor
+
+    stock = LlavaImageProcessorPil(do_pad=True, **SMALL)
+    apt = AptImageProcessorPil.from_image_processor(stock, backend="torchvision", **APT_FIELDS)
+    assert type(apt) is AptImageProcessor and apt.backend == "torchvision"
+    assert apt_fields_of(apt) == {**APT_FIELDS, "do_pad": True, "crop_size": SMALL["crop_size"]}
+    assert torch.equal(processed_images(apt(photos[:2], return_tensors="pt")),
+                       LlavaImageProcessor(do_pad=True, **SMALL)(photos[:2], return_tensors="pt")["pixel_values"])
+    # No backend: the stock processor's own, when called on the backend-neutral mixin.
+    from apt_hf.image_processing_apt import AptImageProcessingMixin
+
+    assert type(AptImageProcessingMixin.from_image_processor(LlavaImageProcessor(**SMALL))) is AptImageProcessor
+
+
+def test_from_llava_processor_picks_the_backend():
+    from apt_hf.processing_apt_llava import AptLlavaProcessor
+    from apt_hf.tiny import build_tiny_llava
+
+    _, stock = build_tiny_llava()  # its image processor is CLIPImageProcessorPil
+    default = AptLlavaProcessor.from_llava_processor(stock, **APT_FIELDS)
+    pil = AptLlavaProcessor.from_llava_processor(stock, backend="pil", vision_feature_layout="grid", **APT_FIELDS)
+    for processor in (default, pil):
+        assert type(processor.image_processor) is AptImageProcessorPil
+        assert {k: getattr(processor.image_processor, k) for k in APT_FIELDS} == APT_FIELDS
+    assert pil.vision_feature_layout == "grid"
+    with pytest.raises(ValueError, match=r"backend: expected one of \('pil', 'torchvision'\), got 'tensorflow'"):
+        AptLlavaProcessor.from_llava_processor(stock, backend="tensorflow")
+    if is_torchvision_available():
+        return
+    fallback = AptLlavaProcessor.from_llava_processor(stock, backend="torchvision")
+    assert type(fallback.image_processor) is AptImageProcessorPil
+
+
+def test_from_llava_processor_torchvision_backend(photos):
+    pytest.importorskip("torchvision")
+    from apt_hf.processing_apt_llava import AptLlavaProcessor
+    from apt_hf.tiny import build_tiny_llava
+
+    _, stock = build_tiny_llava()
+    apt = AptLlavaProcessor.from_llava_processor(stock, backend="torchvision", **APT_FIELDS)
+    assert type(apt.image_processor) is AptImageProcessor and apt.image_processor.backend == "torchvision"
+    assert {k: getattr(apt.image_processor, k) for k in APT_FIELDS} == APT_FIELDS
+    batch = apt(images=photos[:1], text="USER: <image>\nWhat is shown? ASSISTANT:", return_tensors="pt")
+    assert int((batch["input_ids"] == apt.image_token_id).sum()) == int(batch["tokens_per_image"].sum())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from apt_hf import AptLlavaConfig, AptLlavaForConditionalGeneration, AptLlavaProcessor
+from apt_hf.patchify import PatchLayout
 from apt_hf.sample_images import load_photos
 from apt_hf.tiny import build_tiny_llava, tiny_vision_config
 
@@ -61,18 +62,19 @@ def test_merged_image_tokens_match_tower_output(tiny, photos):
     assert (kept < 64).any(), "the photographs should merge at 112 px"
     slots = (inputs["input_ids"] == model.config.image_token_id).sum(-1)
     assert slots.tolist() == [int(kept[0] + kept[1]), int(kept[2])]
+    image_keys = ("pixel_values", *PatchLayout.KEYS)
     with torch.no_grad():
-        features = model.model.get_image_features(**{k: inputs[k] for k in (
-            "pixel_values", "patch_scales", "patch_positions", "tokens_per_image", "image_grid_hw")}).pooler_output
-        out = model(**inputs)
+        features = model.model.get_image_features(**{k: inputs[k] for k in image_keys}).pooler_output
+        assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape  # the slots take the features
     assert [f.shape[0] for f in features] == kept.tolist()
-    assert out.image_hidden_states.shape[0] == int(kept.sum())
     # grid layout: stock LLaVA's counts, whatever merged
     grid_model, grid_processor = convert(stock, processor, "grid", [5.75])
     grid_inputs = grid_processor(images=photos[:3], text=[TWO_IMAGES, PROMPT], return_tensors="pt", padding=True)
     assert (grid_inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist() == [128, 64]
     with torch.no_grad():
-        assert grid_model(**grid_inputs).image_hidden_states.shape[0] == 192
+        grid_features = grid_model.model.get_image_features(**{k: grid_inputs[k] for k in image_keys}).pooler_output
+        assert grid_model(**grid_inputs).logits.shape[:2] == grid_inputs["input_ids"].shape
+    assert [f.shape[0] for f in grid_features] == [64, 64, 64]
 
 
 @pytest.mark.parametrize("layout", ["packed", "grid"])
@@ -234,3 +236,33 @@ def test_convert_script_handles_llava_checkpoints(tmp_path, tiny, photos, layout
     batch = apt_processor(images=photos[:2], text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, expected(**batch).logits, rtol=0, atol=0)
+
+
+def test_forward_generate_and_train_step_use_no_deprecated_names(tiny, photos):
+    """No FutureWarning, and no transformers log line about `image_hidden_states` / `past_key_values`."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    stock, processor = tiny
+    model, apt_processor = convert(stock, processor, "packed", [5.75])
+    batch = apt_processor(images=photos[:2], text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    hf_logging.get_logger().addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            with torch.no_grad():
+                model(**batch)
+                model.generate(**batch, max_new_tokens=3, do_sample=False, num_beams=2)
+            model.train()
+            labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+            model(**batch, labels=labels).loss.backward()
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+        model.eval()
+    named = [r for r in records if "image_hidden_states" in r or "past_key_values" in r]
+    assert not named, named

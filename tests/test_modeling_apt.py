@@ -387,12 +387,13 @@ def test_bad_input_raises_clear_error(bad_input_setup, case, match):
 @pytest.mark.parametrize("attn, match", [
     ("flash_attention_2", "flash-attn"),
     ("varlen", "varlen"),
+    ("apt_varlen", "varlen"),
     ("apt_packed", "internal"),
 ])
 def test_unavailable_attn_implementation_says_what_to_install(attn, match):
     if attn == "flash_attention_2" and torch.cuda.is_available():
         pytest.skip("CUDA present: flash-attn may be installable here")
-    if attn == "varlen" and torch.cuda.is_available():
+    if "varlen" in attn and torch.cuda.is_available():
         pytest.skip("CUDA present: varlen may be available")
     apt = AptCLIPVisionModel.from_clip(stock_clip())
     with pytest.raises(ValueError, match=match):
@@ -456,7 +457,7 @@ def test_flex_document_mask_matches_torch_create_block_mask():
     """The block-level document mask equals torch's create_block_mask (which materialises the full mask)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from apt_hf.modeling_apt import document_block_mask
+    from apt_hf.packed_attention import document_block_mask
 
     for lengths in ([65, 65, 65], [56, 59, 14], [300, 1, 2, 128, 129, 500], [128, 128]):
         cu_seqlens = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()

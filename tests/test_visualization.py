@@ -99,8 +99,11 @@ def test_script_options_in_process(tmp_path: Path, capsys: pytest.CaptureFixture
     assert visualize_patches.main(["--input", "coffee", "--output", str(out), "--scorer", "laplacian",
                                    "--thresholds", "0.05", "--size", "224", "--crop_size", "224"]) == 0
     assert kept_tokens(capsys.readouterr().out)[1] == 16 * 16
-    with pytest.raises(SystemExit):  # non-default scorer needs explicit thresholds
-        visualize_patches.main(["--input", "coffee", "--output", str(out), "--scorer", "laplacian"])
+    # other scorers default to the official code's thresholds (laplacian: 0.087 at S=2)
+    assert visualize_patches.main(["--input", "coffee", "--output", str(out), "--scorer", "laplacian"]) == 0
+    assert kept_tokens(capsys.readouterr().out)[1] == 576
+    with pytest.raises(SystemExit):  # no default for 4 scales: thresholds must be given
+        visualize_patches.main(["--input", "coffee", "--output", str(out), "--num_scales", "4"])
     with pytest.raises(SystemExit, match="--input"):
         visualize_patches.main(["--input", str(tmp_path / "missing.png"), "--output", str(out)])
     with pytest.raises(ValueError, match="thresholds"):

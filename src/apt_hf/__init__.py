@@ -7,7 +7,7 @@
 from transformers.utils import is_torchvision_available
 
 from .configuration_apt import AptCLIPVisionConfig, AptLlavaConfig, AptViTConfig
-from .image_processing_apt import AptImageProcessor, AptImageProcessorPil
+from .image_processing_apt import AptImageProcessorPil
 from .modeling_apt import AptCLIPVisionModel, AptViTForImageClassification, AptViTModel
 from .modeling_apt import register_auto_classes as _register_vision
 from .modeling_apt_llava import AptLlavaForConditionalGeneration, AptLlavaModel
@@ -16,6 +16,19 @@ from .processing_apt_llava import AptLlavaProcessor
 
 __version__ = "0.1.0"
 
+if is_torchvision_available():
+    from .image_processing_apt import AptImageProcessor
+else:
+
+    def __getattr__(name: str) -> type:
+        """`AptImageProcessor` is the torchvision backend; without torchvision it is the PIL class, with a warning on
+        use (as transformers' own `<Model>ImageProcessor` names), not on `import apt_hf`."""
+        if name == "AptImageProcessor":
+            from .image_processing_apt import apt_image_processor_class
+
+            return apt_image_processor_class("torchvision")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def _register_processors() -> None:
     from transformers import AutoProcessor
@@ -23,7 +36,7 @@ def _register_processors() -> None:
 
     backends = {"pil": AptImageProcessorPil}
     if is_torchvision_available():
-        backends["torchvision"] = AptImageProcessor
+        backends["torchvision"] = AptImageProcessor  # without torchvision, AutoImageProcessor warns and uses "pil"
     for config_class in (AptCLIPVisionConfig, AptViTConfig, AptLlavaConfig):
         AutoImageProcessor.register(config_class, image_processor_classes=backends, exist_ok=True)
     AutoProcessor.register(AptLlavaConfig, AptLlavaProcessor, exist_ok=True)

@@ -1,35 +1,54 @@
-"""Configurations of the APT models: the stock transformers configs plus the APT fields (DESIGN §3).
+"""Configurations of the APT models: the stock transformers configs plus the APT fields.
+
+APT fields: `num_scales`, `thresholds`, `scorer`, `entropy_bins`, and `image_mean` / `image_std` of the
+checkpoint's image processor (the dense-input path uses them to recover the 8-bit image from normalized pixels).
+Defaults come from one table (`patchify.DEFAULT_THRESHOLDS`) and fill only fields that are absent: a saved
+config reloads with exactly the values it was saved with.
 
 Part of the remote-code set: imports only torch, transformers and sibling modules (relatively).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig, PreTrainedConfig, ViTConfig
+from transformers import CLIPVisionConfig, LlavaConfig, PreTrainedConfig, ViTConfig
+from transformers.configuration_utils import SubConfigSpec
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from .patchify import validate_apt_fields
+from .patchify import (
+    APT_FIELDS,
+    LLAVA_15_THRESHOLDS,
+    SCORERS,
+    default_thresholds,
+    validate_apt_fields,
+)
 
-# Paper defaults per number of scales (DESIGN §1); other scale counts must give their thresholds.
-DEFAULT_THRESHOLDS = {1: [], 2: [5.5], 3: [5.5, 4.0]}
-LLAVA_15_THRESHOLDS = (5.75,)
-APT_FIELDS = ("num_scales", "thresholds", "scorer", "entropy_bins")
-# Bookkeeping keys of a saved config that must not be passed back to a config constructor.
-_NOT_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "name_or_path",
-               "_attn_implementation_autoset", "_commit_hash")
+VISION_FEATURE_LAYOUTS = ("packed", "grid")
+# What `replace_apt_fields` accepts: the APT fields plus the pixel statistics the dense path un-normalises with.
+APT_SETTINGS = (*APT_FIELDS, "image_mean", "image_std")
+
+
+def validate_vision_feature_layout(layout: Any) -> str:
+    """`vision_feature_layout` is "packed" (kept tokens only) or "grid" (tokens repeated to the full grid)."""
+    if layout not in VISION_FEATURE_LAYOUTS:
+        raise ValueError(f"vision_feature_layout: expected one of {VISION_FEATURE_LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def declared_settings(config: PreTrainedConfig | dict[str, Any], target: type) -> dict[str, Any]:
+    """The values of `config` that `target`'s constructor declares as fields (drops model_type & bookkeeping)."""
+    settings = config.to_dict() if isinstance(config, PreTrainedConfig) else dict(config)
+    names = {f.name for f in dataclasses.fields(target)} - {"transformers_version", "architectures"}
+    return {k: v for k, v in settings.items() if k in names}
 
 
 @dataclass(kw_only=True)
 class AptConfigMixin:
-    """The APT fields shared by every APT config (vision models now, LLaVA later), validated on construction.
-
-    `image_mean` / `image_std` are those of the checkpoint's image processor: the dense-input path uses them to
-    recover the 8-bit image from normalized `pixel_values`, so it picks the same layout as the processor.
-    """
+    """The APT fields shared by every APT vision config, validated on construction."""
 
     num_scales: int = 2
     thresholds: list[float | int] | tuple[float | int, ...] | None = None
@@ -42,51 +61,77 @@ class AptConfigMixin:
     _default_image_std: ClassVar[tuple[float, ...]] = tuple(IMAGENET_STANDARD_STD)
 
     def __post_init__(self, **kwargs: Any) -> None:
-        if self.thresholds is None and type(self.num_scales) is int and self.num_scales in DEFAULT_THRESHOLDS:
-            self.thresholds = list(DEFAULT_THRESHOLDS[self.num_scales])
-        patch = _square_patch_size(kwargs.get("patch_size", getattr(self, "patch_size", None)))
-        self.thresholds = validate_apt_fields(self.num_scales, self.thresholds, self.scorer, self.entropy_bins, patch)
-        self.image_mean = _channel_stats(self.image_mean, self._default_image_mean, "image_mean", positive=False)
-        self.image_std = _channel_stats(self.image_std, self._default_image_std, "image_std", positive=True)
+        self._validate_apt_settings()
         super().__post_init__(**kwargs)
+
+    def _validate_apt_settings(self) -> None:
+        if self.thresholds is None and _is_count(self.num_scales) and self.scorer in SCORERS:
+            self.thresholds = default_thresholds(self.num_scales, self.scorer)
+        patch = _square_patch_size(self.patch_size)
+        self.thresholds = validate_apt_fields(self.num_scales, self.thresholds, self.scorer, self.entropy_bins, patch)
+        channels = getattr(self, "num_channels", 3)
+        self.image_mean = _channel_stats(self.image_mean, self._default_image_mean, "image_mean", channels, False)
+        self.image_std = _channel_stats(self.image_std, self._default_image_std, "image_std", channels, True)
 
     @property
     def apt_fields(self) -> dict[str, Any]:
         """The APT fields, e.g. to build a matching `AptImageProcessor`."""
         return {name: getattr(self, name) for name in APT_FIELDS}
 
+    def replace_apt_fields(self, **settings: Any) -> AptConfigMixin:
+        """Set APT fields (and image_mean / image_std) in place, validated together; returns the config.
+
+        Fields not given keep their values, except that changing `num_scales` or `scorer` without `thresholds`
+        takes that setting's default thresholds (the old ones belong to another scale).
+        """
+        unknown = sorted(set(settings) - set(APT_SETTINGS))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not an APT setting; expected one of {list(APT_SETTINGS)}")
+        old = {name: getattr(self, name) for name in APT_SETTINGS}
+        if "thresholds" not in settings and ({"num_scales", "scorer"} & set(settings)):
+            settings["thresholds"] = None
+        for name, value in settings.items():
+            setattr(self, name, value)
+        try:
+            self._validate_apt_settings()
+        except ValueError:
+            for name, value in old.items():
+                setattr(self, name, value)
+            raise
+        return self
+
     @classmethod
     def from_stock_config(cls, config: PreTrainedConfig | dict[str, Any], **apt_fields: Any) -> AptConfigMixin:
         """The APT config of a stock config (`CLIPVisionConfig`, `ViTConfig`, ...) with the given APT fields."""
-        settings = config.to_dict() if isinstance(config, PreTrainedConfig) else dict(config)
-        for key in _NOT_FIELDS:
-            settings.pop(key, None)
-        settings.update(apt_fields)
-        return cls(**settings)
+        return cls(**{**declared_settings(config, cls), **apt_fields})
 
 
-def _square_patch_size(patch_size: Any) -> int | None:
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _square_patch_size(patch_size: Any) -> int:
     """APT's quadtree needs square patches: accept p or (p, p), refuse anything else."""
-    if patch_size is None or (isinstance(patch_size, int) and not isinstance(patch_size, bool)):
+    if isinstance(patch_size, int) and not isinstance(patch_size, bool):
         return patch_size
     if isinstance(patch_size, (list, tuple)) and len(patch_size) == 2 and patch_size[0] == patch_size[1]:
-        return int(patch_size[0])
+        return _square_patch_size(patch_size[0])
     raise ValueError(f"patch_size: APT needs square patches (an int or (p, p)), got {patch_size!r}")
 
 
-def _channel_stats(values: Any, default: tuple[float, ...], name: str, positive: bool) -> list[float]:
-    """Per-channel statistics as a list of finite floats (std strictly positive)."""
+def _channel_stats(values: Any, default: tuple[float, ...], name: str, channels: int, positive: bool) -> list[float]:
+    """Per-channel statistics as a list of one finite float per channel (std strictly positive)."""
     if values is None:
         return list(default)
     if isinstance(values, (int, float)) and not isinstance(values, bool):
-        values = [values] * 3
+        values = [values] * channels
     try:
         out = [float(v) for v in values]
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected a list of per-channel numbers, got {values!r}") from None
-    if not out or not all(math.isfinite(v) for v in out) or (positive and min(out) <= 0):
-        kind = "positive finite" if positive else "finite"
-        raise ValueError(f"{name}: expected {kind} per-channel numbers, got {values!r}")
+    kind = "positive finite" if positive else "finite"
+    if len(out) != channels or not all(math.isfinite(v) for v in out) or (positive and min(out) <= 0):
+        raise ValueError(f"{name}: expected {channels} {kind} numbers (one per channel), got {values!r}")
     return out
 
 
@@ -104,47 +149,73 @@ class AptViTConfig(AptConfigMixin, ViTConfig):
     model_type = "apt_vit"
 
 
-AptCLIPVisionConfig.register_for_auto_class()
-AptViTConfig.register_for_auto_class()
-
-__all__ = ["AptConfigMixin", "AptCLIPVisionConfig", "AptViTConfig", "APT_FIELDS", "DEFAULT_THRESHOLDS"]
+# LLaVA-1.5's tower (CLIP ViT-L/14-336) at LLaVA-1.5's APT setting: what a LLaVA config without a tower gets.
+_LLAVA_15_TOWER = {
+    **LlavaConfig.sub_configs_defaults["vision_config"].init_kwargs,
+    "thresholds": list(LLAVA_15_THRESHOLDS[("entropy", 2)]),
+}
 
 
 class AptLlavaConfig(LlavaConfig):
     """`LlavaConfig` whose vision tower is an `AptCLIPVisionConfig`, plus `vision_feature_layout`.
 
     The APT fields live once, on `vision_config`; they are also accepted here as keyword arguments and read
-    back as properties (`config.num_scales`, ...), so LLaVA and vision configs share the same names.
+    back as properties (`config.num_scales`, ...), so LLaVA and vision configs share the same names. A stock
+    CLIP tower (a dict or `CLIPVisionConfig`) is converted with LLaVA-1.5's default thresholds for the fields
+    not given; a saved APT tower keeps its own.
     """
 
     model_type = "apt_llava"
-    sub_configs = {"text_config": AutoConfig, "vision_config": AptCLIPVisionConfig}
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AptCLIPVisionConfig, init_kwargs=_LLAVA_15_TOWER),
+        "text_config": LlavaConfig.sub_configs_defaults["text_config"],
+    }
 
     vision_feature_layout: str = "packed"
 
     def __post_init__(self, **kwargs: Any) -> None:
-        apt = {k: kwargs.pop(k) for k in (*APT_FIELDS, "image_mean", "image_std") if k in kwargs}
+        apt = {k: kwargs.pop(k) for k in APT_SETTINGS if k in kwargs}
         vision = self.vision_config
-        if vision is None:  # LLaVA-1.5's CLIP ViT-L/14-336
-            vision = LlavaConfig().vision_config
-        if not isinstance(vision, AptCLIPVisionConfig) and apt.get("num_scales", 2) == 2:
-            apt.setdefault("thresholds", list(LLAVA_15_THRESHOLDS))  # the paper's LLaVA-1.5 setting at 336/14
-        if not isinstance(vision, AptCLIPVisionConfig) or apt:
-            # A dict (saved APT or stock CLIP tower) or a stock CLIPVisionConfig: same fields, plus APT's.
+        is_apt = isinstance(vision, AptCLIPVisionConfig) or (
+            isinstance(vision, dict) and vision.get("model_type") == AptCLIPVisionConfig.model_type)
+        if vision is not None and not is_apt:  # a stock CLIP tower: convert, LLaVA-1.5 defaults for what is absent
+            if "thresholds" not in apt:
+                apt["thresholds"] = default_thresholds(apt.get("num_scales", 2), apt.get("scorer", "entropy"),
+                                                       llava=True)
             self.vision_config = AptCLIPVisionConfig.from_stock_config(vision, **apt)
-        if self.vision_feature_layout not in ("packed", "grid"):
-            raise ValueError(
-                f"vision_feature_layout: expected 'packed' or 'grid', got {self.vision_feature_layout!r}"
-            )
+        elif vision is None and apt:
+            self.vision_config = AptCLIPVisionConfig(**{**_LLAVA_15_TOWER, **apt})
+        elif apt:
+            if isinstance(vision, dict):
+                self.vision_config = vision = AptCLIPVisionConfig(**declared_settings(vision, AptCLIPVisionConfig))
+            vision.replace_apt_fields(**apt)
+        validate_vision_feature_layout(self.vision_feature_layout)
         super().__post_init__(**kwargs)
 
     @property
     def apt_fields(self) -> dict[str, Any]:
         return self.vision_config.apt_fields
 
+    def replace_apt_fields(self, **settings: Any) -> AptLlavaConfig:
+        """Set the tower's APT fields in place (validated; see `AptConfigMixin.replace_apt_fields`)."""
+        self.vision_config.replace_apt_fields(**settings)
+        return self
+
 
 for _field in APT_FIELDS:
     setattr(AptLlavaConfig, _field, property(lambda self, _f=_field: getattr(self.vision_config, _f)))
 
+AptCLIPVisionConfig.register_for_auto_class()
+AptViTConfig.register_for_auto_class()
 AptLlavaConfig.register_for_auto_class()
-__all__ += ["AptLlavaConfig"]
+
+__all__ = [
+    "AptConfigMixin",
+    "AptCLIPVisionConfig",
+    "AptViTConfig",
+    "AptLlavaConfig",
+    "APT_FIELDS",
+    "APT_SETTINGS",
+    "VISION_FEATURE_LAYOUTS",
+    "validate_vision_feature_layout",
+]

@@ -81,7 +81,9 @@ MODEL_AUTO_MAP = {
     "vit_classifier": {"AutoConfig": "configuration_apt.AptViTConfig", "AutoModel": "modeling_apt.AptViTModel",
                        "AutoModelForImageClassification": "modeling_apt.AptViTForImageClassification"},
 }
-IMAGE_PROCESSOR_TARGET = "image_processing_apt.AptImageProcessorPil"
+# One class per transformers backend, as AptImageProcessor.save_pretrained writes it.
+IMAGE_PROCESSOR_TARGET = {"pil": "image_processing_apt.AptImageProcessorPil",
+                          "torchvision": "image_processing_apt.AptImageProcessor"}
 PROCESSOR_TARGET = "processing_apt_llava.AptLlavaProcessor"
 DEFAULT_COMMIT_MESSAGE = "Upload APT checkpoint (weights, processor, remote code, model card)"
 
@@ -245,7 +247,7 @@ def _check_processor(model_dir: Path, kind: str) -> dict[str, Any]:
     return image_processor
 
 
-def _apt_settings(config: dict[str, Any], kind: str, image_processor: dict[str, Any],
+def _apt_settings(model_dir: Path, config: dict[str, Any], kind: str, image_processor: dict[str, Any],
                   processor: dict[str, Any]) -> dict[str, Any]:
     """The APT settings of the checkpoint, refusing a processor that disagrees with the model config."""
     vision = config.get("vision_config") if kind == "llava" else config
@@ -256,6 +258,7 @@ def _apt_settings(config: dict[str, Any], kind: str, image_processor: dict[str, 
         if name in image_processor and image_processor[name] != settings[name]:
             raise ValueError(f"model_dir: the processor's {name} ({image_processor[name]!r}) differs from the model "
                              f"config's ({settings[name]!r}); save both with the same APT settings")
+    _check_reload(model_dir, settings)
     if kind == "llava":
         settings["vision_feature_layout"] = config.get("vision_feature_layout", "packed")
         processor_layout = processor.get("vision_feature_layout", settings["vision_feature_layout"])
@@ -265,8 +268,23 @@ def _apt_settings(config: dict[str, Any], kind: str, image_processor: dict[str, 
     return settings
 
 
+def _check_reload(model_dir: Path, saved: dict[str, Any]) -> None:
+    """Load the folder's config and image processor as a user will, and refuse APT fields that do not survive."""
+    from transformers import AutoConfig
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    config = AutoConfig.from_pretrained(model_dir)
+    vision = getattr(config, "vision_config", config)
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    for name in APT_FIELDS:
+        for where, loaded in (("config", getattr(vision, name)), ("image processor", getattr(image_processor, name))):
+            if saved[name] is not None and loaded != saved[name]:
+                raise ValueError(f"model_dir: {name} is saved as {saved[name]!r} but the {where} reloads with "
+                                 f"{loaded!r}; re-save the folder with this apt_hf version")
+
+
 # -- auto_map and remote code -------------------------------------------------------------------------------------
-def _ensure_auto_map(data: dict[str, Any], required: dict[str, str], where: str, notes: list[str]) -> bool:
+def _ensure_auto_map(data: dict[str, Any], required: dict[str, Any], where: str, notes: list[str]) -> bool:
     """Add the missing Auto classes to a saved config's auto_map; True when something was added."""
     auto_map = data.setdefault("auto_map", {})
     added = {k: v for k, v in required.items() if k not in auto_map}
@@ -386,8 +404,13 @@ def _complete_auto_maps(model_dir: Path, config: dict[str, Any], kind: str, card
     for name, data, required in wanted:
         if _ensure_auto_map(data, required, name, notes):
             changed.add(name)
-        summary.update({k: f"{data['auto_map'][k]} ({name})" for k in required})
+        summary.update({k: f"{_target_text(data['auto_map'][k])} ({name})" for k in required})
     return json_files, changed, dict(sorted(summary.items()))
+
+
+def _target_text(target: Any) -> str:
+    """An auto_map target as one line: "module.Class", or "pil: module.A, torchvision: module.B"."""
+    return ", ".join(f"{k}: {v}" for k, v in target.items()) if isinstance(target, dict) else str(target)
 
 
 def _remote_code(model_dir: Path, json_files: dict[str, dict[str, Any]], notes: list[str]) -> tuple[Path, list[str]]:
@@ -399,7 +422,9 @@ def _remote_code(model_dir: Path, json_files: dict[str, dict[str, Any]], notes: 
             maps.append(data["image_processor"].get("auto_map") or {})
         for entries in maps:
             for auto_class, target in entries.items():
-                for one in target if isinstance(target, list) else [target]:
+                # A str, a [slow, fast] list, or {backend: target} (image processors, one class per backend).
+                ones = target.values() if isinstance(target, dict) else target if isinstance(target, list) else [target]
+                for one in ones:
                     if isinstance(one, str) and "--" not in one:  # "repo--module.Class" points to another repo
                         targets[one] = f"{name}: {auto_class}"
     code_dir, code_files = _code_files(model_dir, {t.split(".")[0] for t in targets}, notes)
@@ -438,7 +463,7 @@ def collect_upload_set(
     weight_names, resave_reason = _inspect_weights(model_dir, max_shard_bytes, max_shard_size)
     image_processor = _check_processor(model_dir, kind)
     processor = _read_json(model_dir / PROCESSOR_FILE, "processor") if (model_dir / PROCESSOR_FILE).is_file() else {}
-    settings = _apt_settings(config, kind, image_processor, processor)
+    settings = _apt_settings(model_dir, config, kind, image_processor, processor)
     notes: list[str] = []
     json_files, changed, auto_map = _complete_auto_maps(model_dir, config, kind, card_kind, notes)
     code_dir, code_files = _remote_code(model_dir, json_files, notes)

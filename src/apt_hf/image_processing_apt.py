@@ -14,19 +14,25 @@ import torch
 from transformers.image_processing_utils import BatchFeature
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.processing_utils import ImagesKwargs
-from transformers.utils import is_torchvision_available
+from transformers.utils import is_torchvision_available, logging
 
 from .patchify import (
+    SCORERS,
     PatchLayout,
     compute_layout,
     concat_layouts,
+    default_thresholds,
     pack_base_patches,
     recover_uint8,
     validate_apt_fields,
     validate_image_size,
 )
 
+logger = logging.get_logger(__name__)
+
 APT_IMAGE_KEYS = ("pixel_values", "patch_scales", "patch_positions", "tokens_per_image", "image_grid_hw")
+# transformers' image processor backend names (`AutoImageProcessor.from_pretrained(..., backend=)`).
+BACKENDS = ("pil", "torchvision")
 
 
 class AptImageProcessorKwargs(ImagesKwargs, total=False):
@@ -47,31 +53,55 @@ class AptImageProcessingMixin:
     # LLaVA-1.5 at 336/14 (DESIGN §1); override per checkpoint.
     patch_size = 14
     num_scales = 2
-    thresholds = [5.75]
+    thresholds = None  # absent: the default for num_scales and scorer (LLaVA-1.5's [5.75] at S=2, entropy)
     scorer = "entropy"
     entropy_bins = 512
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if self.thresholds is None and self.scorer in SCORERS and isinstance(self.num_scales, int) \
+                and not isinstance(self.num_scales, bool) and self.num_scales >= 1:
+            self.thresholds = default_thresholds(self.num_scales, self.scorer, llava=True)
         self.thresholds = validate_apt_fields(
             self.num_scales, self.thresholds, self.scorer, self.entropy_bins, self.patch_size
         )
 
     @classmethod
-    def from_image_processor(cls, processor_or_path: Any, **apt_fields: Any) -> AptImageProcessingMixin:
-        """Build from a CLIP / LLaVA image processor (object, local path or hub id) plus APT fields."""
+    def from_image_processor(
+        cls, processor_or_path: Any, backend: str | None = None, **apt_fields: Any
+    ) -> AptImageProcessingMixin:
+        """Build from a CLIP / LLaVA image processor (object, local path or hub id) plus APT fields.
+
+        `backend` ("pil" | "torchvision") picks the APT class, as `AutoImageProcessor.from_pretrained(backend=)`
+        does; without it, the class this is called on (called on the mixin: the stock processor's backend).
+        """
+        target = None if backend is None else apt_image_processor_class(backend)
+        if target is None and cls is not AptImageProcessingMixin:
+            target = cls
         if isinstance(processor_or_path, str):
             from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
-            processor_or_path = AutoImageProcessor.from_pretrained(processor_or_path)
+            load_backend = None if target is None else backend_of(target)
+            processor_or_path = AutoImageProcessor.from_pretrained(processor_or_path, backend=load_backend)
+        if target is None:
+            target = apt_image_processor_class(stock_backend(processor_or_path))
         settings = processor_or_path.to_dict()
         for key in ("image_processor_type", "processor_class", "auto_map", "_processor_class"):
             settings.pop(key, None)
-        known = set(cls.valid_kwargs.__annotations__) | set(AptImageProcessorKwargs.__annotations__)
+        known = set(target.valid_kwargs.__annotations__) | set(AptImageProcessorKwargs.__annotations__)
         settings = {k: v for k, v in settings.items() if k in known}
         settings.setdefault("do_center_crop", False)  # e.g. ViT: a plain resize, where the LLaVA base would crop
         settings.update(apt_fields)
-        return cls(**settings)
+        return target(**settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The backend's, with `auto_map` naming both backends' classes, so that remote code loads the one asked
+        for (`AutoImageProcessor.from_pretrained(..., trust_remote_code=True, backend=...)`)."""
+        output = super().to_dict()
+        auto_map = output.get("auto_map")
+        if isinstance(auto_map, dict) and isinstance(auto_map.get("AutoImageProcessor"), str):
+            output["auto_map"] = {**auto_map, "AutoImageProcessor": backend_auto_map(auto_map["AutoImageProcessor"])}
+        return output
 
     def preprocess(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:
         if isinstance(images, (list, tuple)) and len(images) == 0:
@@ -211,12 +241,70 @@ if is_torchvision_available():
                                    do_normalize: bool, image_mean: Any, image_std: Any) -> torch.Tensor:
             return self.rescale_and_normalize(image, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
 
-else:
-    # As transformers does for its own processors: without torchvision the default name is the PIL backend.
-    AptImageProcessor = AptImageProcessorPil  # type: ignore[misc]
-
-AptImageProcessorPil.register_for_auto_class("AutoImageProcessor")
-if AptImageProcessor is not AptImageProcessorPil:
     AptImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["AptImageProcessor", "AptImageProcessorPil", "AptImageProcessorKwargs", "APT_IMAGE_KEYS"]
+else:
+
+    def __getattr__(name: str) -> Any:
+        """Without torchvision, `AptImageProcessor` (the torchvision backend's name, and what a saved auto_map's
+        "torchvision" entry loads) is the PIL class, with a warning, as transformers does for its own names."""
+        if name == "AptImageProcessor":
+            return apt_image_processor_class("torchvision")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def apt_image_processor_class(backend: str) -> type[AptImageProcessingMixin]:
+    """The APT image processor class of a backend name ("pil" | "torchvision").
+
+    As transformers' AutoImageProcessor does, "torchvision" without torchvision installed falls back to the PIL
+    class with a warning (the two backends' pixels differ slightly, so say so rather than switch silently).
+    """
+    if validate_backend(backend) == "pil":
+        return AptImageProcessorPil
+    if not is_torchvision_available():
+        logger.warning_once(
+            "backend 'torchvision' (AptImageProcessor) needs torchvision, which is not installed: using the 'pil' "
+            "backend (AptImageProcessorPil) instead. Install torchvision, or use backend='pil' / AptImageProcessorPil "
+            "to silence this."
+        )
+        return AptImageProcessorPil
+    return AptImageProcessor
+
+
+def validate_backend(backend: str) -> str:
+    """The backend name itself; an unknown one raises (transformers would fall back to another with a warning)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def backend_of(processor_class: type) -> str:
+    """The backend name of an APT image processor class (the one its `backend` property reports)."""
+    return "pil" if issubclass(processor_class, AptImageProcessorPil) else "torchvision"
+
+
+def stock_backend(processor: Any) -> str:
+    """The backend of a stock image processor: "torchvision" for transformers' torchvision one, else "pil"."""
+    return "torchvision" if getattr(processor, "backend", "pil") == "torchvision" else "pil"
+
+
+def backend_auto_map(class_ref: str) -> str | dict[str, str]:
+    """An `auto_map["AutoImageProcessor"]` entry for both backends ({backend: "module.Class"}, which transformers'
+    AutoImageProcessor resolves by its `backend` argument); a reference to another class is kept as it is."""
+    prefix, _, name = class_ref.rpartition(".")
+    if name not in ("AptImageProcessor", "AptImageProcessorPil"):
+        return class_ref
+    return {"pil": f"{prefix}.AptImageProcessorPil", "torchvision": f"{prefix}.AptImageProcessor"}
+
+
+AptImageProcessorPil.register_for_auto_class("AutoImageProcessor")
+
+__all__ = [
+    "AptImageProcessor",
+    "AptImageProcessorPil",
+    "AptImageProcessorKwargs",
+    "APT_IMAGE_KEYS",
+    "BACKENDS",
+    "apt_image_processor_class",
+    "validate_backend",
+]

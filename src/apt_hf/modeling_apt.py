@@ -1,30 +1,24 @@
-"""APT vision models: `AptCLIPVisionModel`, `AptViTModel`, `AptViTForImageClassification` (DESIGN §1-3).
+"""APT vision models: `AptCLIPVisionModel`, `AptViTModel`, `AptViTForImageClassification`.
 
 Each model is the stock transformers model with its patch embedding replaced by `AptPatchEmbeddings` (paper eq. 2)
 and its encoder run on one packed sequence [CLS_1, tokens_1..., CLS_2, tokens_2...]. Encoder layers, norms and
-pooler are transformers' own classes; only the attention function is swapped, through transformers'
-`AttentionInterface`: the encoder is built on a shallow copy of the config whose `_attn_implementation` is
-"apt_packed", and `packed_attention` confines attention to each image with the backend the user chose
-(`model.config._attn_implementation`, read at every call), never with a dense mask over the whole batch.
+pooler are transformers' own classes; only the attention function differs: the encoder's config is built with
+`attn_implementation="apt_packed"` (see `packed_attention.py`), which confines attention to each image with the
+backend the user chose (`model.config._attn_implementation`, read at every call).
 
 Part of the remote-code set: imports only torch, transformers and sibling modules (relatively).
 """
 
-import copy
-import importlib
 import math
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, CLIPVisionModel, PreTrainedModel, ViTForImageClassification, ViTModel
+from transformers import CLIPVisionModel, PreTrainedModel, ViTForImageClassification, ViTModel
 from transformers import initialization as init
-from transformers.integrations.flash_attention import flash_attention_forward
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.models.clip.modeling_clip import (
     CLIPEncoder,
@@ -33,11 +27,19 @@ from transformers.models.clip.modeling_clip import (
     CLIPVisionEmbeddings,
 )
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTLayer, ViTPooler, ViTPreTrainedModel
-from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available, logging
+from transformers.utils import is_torch_flex_attn_available, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_apt import APT_FIELDS, AptCLIPVisionConfig, AptViTConfig
+from .configuration_apt import APT_SETTINGS, AptCLIPVisionConfig, AptViTConfig
+from .packed_attention import (
+    APT_PACKED,
+    APT_VARLEN,
+    INSTALL_HINTS,
+    default_attn_implementation,
+    packed_attention_kwargs,
+    varlen_problem,
+)
 from .patchify import (
     PatchLayout,
     base_patch_index,
@@ -49,307 +51,6 @@ from .patchify import (
 )
 
 logger = logging.get_logger(__name__)
-
-APT_PACKED = "apt_packed"
-LAYOUT_KEYS = ("patch_scales", "patch_positions", "tokens_per_image", "image_grid_hw")
-_CUDA_ONLY = ("flash_attention_2", "flash_attention_3", "varlen")
-_HALF = (torch.float16, torch.bfloat16)
-_INSTALL_HINTS = {
-    "flash_attention_2": "install FlashAttention-2 (`pip install flash-attn --no-build-isolation`, CUDA only)",
-    "flash_attention_3": "install FlashAttention-3 (`flash_attn_interface` from the flash-attention repo's hopper/ "
-    "folder, Hopper GPUs only)",
-    "flex_attention": "install torch>=2.5",
-    "varlen": "install torch>=2.10 (torch.nn.attention.varlen) and run on a CUDA GPU with compute capability >= 8.0",
-}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Packed attention
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _varlen_fn() -> Callable | None:
-    """torch's own variable-length (FlashAttention) kernel, when this torch has it."""
-    try:
-        return importlib.import_module("torch.nn.attention.varlen").varlen_attn
-    except (ImportError, AttributeError):
-        return None
-
-
-def _varlen_problem() -> str | None:
-    """Why `varlen` cannot run here, or None."""
-    if _varlen_fn() is None:
-        return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen"
-    if not torch.cuda.is_available():
-        return "it needs a CUDA GPU and none is visible"
-    if torch.cuda.get_device_capability()[0] < 8:
-        return "it needs a CUDA GPU with compute capability >= 8.0"
-    return None
-
-
-def default_attn_implementation() -> str:
-    """The fastest packed backend this machine offers: a varlen FlashAttention kernel on CUDA, else per-image SDPA."""
-    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
-        if is_flash_attn_2_available():
-            return "flash_attention_2"
-        if _varlen_problem() is None:
-            return "varlen"
-    return "sdpa"
-
-
-class _ConfigView:
-    """A config as a stock backend must see it: `_attn_implementation` names the real backend, not "apt_packed"."""
-
-    def __init__(self, config: Any, attn_implementation: str) -> None:
-        self._config = config
-        self._attn_implementation = attn_implementation
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._config, name)
-
-
-class _ModuleView:
-    """The attention module with a `_ConfigView` config (flash_attention_forward dispatches on module.config)."""
-
-    def __init__(self, module: nn.Module, attn_implementation: str) -> None:
-        self._module = module
-        self.config = _ConfigView(module.config, attn_implementation)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
-
-
-# One-slot memo: every layer of a forward sees the same cu_seqlens tensor, so its runs are computed once.
-_RUNS_MEMO: tuple[Any, tuple[tuple[int, int, int], ...]] = (None, ())
-
-
-def _equal_length_runs(cu_seqlens: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
-    """(start, length, count) of each run of consecutive images of equal length: one attention call per run."""
-    global _RUNS_MEMO
-    memo_key, memo_runs = _RUNS_MEMO
-    if memo_key is cu_seqlens:
-        return memo_runs
-    bounds = cu_seqlens.tolist()
-    runs: list[list[int]] = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if runs and runs[-1][1] == end - start:
-            runs[-1][2] += 1
-        else:
-            runs.append([start, end - start, 1])
-    result = tuple(tuple(r) for r in runs)
-    _RUNS_MEMO = (cu_seqlens, result)
-    return result
-
-
-def _as_batch(x: torch.Tensor, start: int, length: int, count: int) -> torch.Tensor:
-    """(1, H, L, d) packed -> (count, H, length, d) for one run of equal-length images (a view when possible)."""
-    heads, dim = x.shape[1], x.shape[3]
-    part = x[:, :, start : start + length * count].transpose(1, 2)
-    return part.reshape(count, length, heads, dim).transpose(1, 2)
-
-
-def _stock_eager(module: nn.Module) -> Callable:
-    """The eager attention function of the module's own transformers model file (CLIP's, ViT's, ...)."""
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if fn is None:
-        raise ValueError(f"attn_implementation='eager': the module of {type(module).__name__} has no "
-                         "eager_attention_forward")
-    return fn
-
-
-@torch.compiler.disable
-def packed_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    apt_attn_implementation: str | None = None,
-    apt_cu_seqlens: torch.Tensor | None = None,
-    apt_max_seqlen: int | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Attention over a packed (1, H, L, d) batch, confined to each image, with the requested backend.
-
-    eager / sdpa run transformers' own functions once per run of equal-length images (views, no copies);
-    flex_attention gets the document BlockMask built by the model; flash_attention_2/3 and varlen use the
-    variable-length kernels with cu_seqlens. Excluded from torch.compile graphs: the per-image bookkeeping is
-    host-side, everything else in the layer compiles.
-    """
-    if apt_cu_seqlens is None or apt_attn_implementation is None:
-        raise ValueError("apt_packed attention runs only inside APT models, which pass the packing (cu_seqlens)")
-    backend = apt_attn_implementation
-    if backend in _CUDA_ONLY and (query.device.type != "cuda" or query.dtype not in _HALF or dropout > 0):
-        logger.warning_once(
-            f"attn_implementation={backend!r} needs CUDA float16/bfloat16 inputs without attention dropout; got "
-            f"{query.device.type} {query.dtype}, dropout={dropout}. Falling back to per-image sdpa."
-        )
-        backend = "sdpa"
-
-    if backend in ("sdpa", "eager"):
-        fn = sdpa_attention_forward if backend == "sdpa" else _stock_eager(module)
-        outputs = []
-        for start, length, count in _equal_length_runs(apt_cu_seqlens):
-            out, _ = fn(
-                module,
-                _as_batch(query, start, length, count),
-                _as_batch(key, start, length, count),
-                _as_batch(value, start, length, count),
-                None,
-                scaling=scaling,
-                dropout=dropout,
-                **kwargs,
-            )
-            outputs.append(out.reshape(1, count * length, *out.shape[2:]))
-        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
-
-    if backend == "flex_attention":
-        if query.device.type == "cpu":
-            if dropout > 0:
-                raise ValueError("attn_implementation='flex_attention' has no attention dropout; use model.eval() "
-                                 "or set the attention dropout to 0")
-            return _cpu_flex(query, key, value, attention_mask, scaling), None
-        from transformers.integrations.flex_attention import flex_attention_forward
-
-        out, _ = flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                        **kwargs)
-        return out, None
-
-    if backend in ("flash_attention_2", "flash_attention_3"):
-        cu = apt_cu_seqlens.to(device=query.device, dtype=torch.int32)
-        out, _ = flash_attention_forward(
-            _ModuleView(module, backend), query, key, value, None, dropout=dropout, scaling=scaling, is_causal=False,
-            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=apt_max_seqlen, max_length_k=apt_max_seqlen,
-        )
-        return out, None
-
-    if backend == "varlen":
-        return _varlen_packed(query, key, value, apt_cu_seqlens, apt_max_seqlen, scaling), None
-
-    raise ValueError(f"attn_implementation: {backend!r} is not supported by APT models; use one of "
-                     f"'eager', 'sdpa', 'flex_attention', 'flash_attention_2', 'flash_attention_3', 'varlen'")
-
-
-def _varlen_packed(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-    scaling: float | None,
-) -> torch.Tensor:
-    """torch.nn.attention.varlen on (1, H, L, d) tensors; returns (1, L, H, d)."""
-    varlen_attn = _varlen_fn()
-    if varlen_attn is None:
-        raise ValueError(f"attn_implementation='varlen': {_INSTALL_HINTS['varlen']}")
-    cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
-    q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
-    out = varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scaling)
-    return out.unsqueeze(0)
-
-
-def varlen_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """"varlen" for models other than APT's: each row of a (B, H, L, d) batch is one sequence, no padding mask."""
-    if attention_mask is not None:
-        raise ValueError("attn_implementation='varlen' cannot apply an attention mask; use 'sdpa' or flash attention")
-    if dropout > 0:
-        raise ValueError("attn_implementation='varlen' has no attention dropout; set the dropout to 0 or use 'sdpa'")
-    b, _, length, _ = query.shape
-    cu = torch.arange(0, (b + 1) * length, length, device=query.device, dtype=torch.int32)
-    flat = [t.transpose(1, 2).reshape(1, b * length, *t.shape[1::2]).transpose(1, 2) for t in (query, key, value)]
-    out = _varlen_packed(*flat, cu, length, scaling)
-    return out.view(b, length, *out.shape[2:]), None
-
-
-AttentionInterface.register(APT_PACKED, packed_attention)
-AttentionInterface.register("varlen", varlen_attention_forward)
-
-
-class _FlexModuleStub:
-    """What transformers' flex_attention_forward reads from the module (inference only: no dropout)."""
-
-    training = False
-
-
-_FLEX_STUB = _FlexModuleStub()
-_CPU_FLEX_BLOCK = 128  # pad CPU flex sequences to this multiple: few distinct shapes, one static compile each
-
-
-def _flex_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
-               scaling: float | None) -> torch.Tensor:
-    from transformers.integrations.flex_attention import flex_attention_forward
-
-    return flex_attention_forward(_FLEX_STUB, query, key, value, block_mask, scaling=scaling)[0]
-
-
-_CPU_FLEX_COMPILED: list[Callable] = []
-
-
-def _cpu_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
-              scaling: float | None) -> torch.Tensor:
-    """transformers' flex_attention_forward compiled with static shapes on sequences padded to 128.
-
-    torch's CPU flex template fails to build once shapes turn dynamic (which torch.compile does on the second
-    sequence length it sees, e.g. transformers' own compiled flex); static shapes on a few padded lengths do not.
-    """
-    if not _CPU_FLEX_COMPILED:
-        _CPU_FLEX_COMPILED.append(torch.compile(_flex_call, dynamic=False))
-    length, padded = query.shape[2], block_mask.seq_lengths[0]
-    if padded != length:
-        query, key, value = (F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
-    return _CPU_FLEX_COMPILED[0](query, key, value, block_mask, scaling)[:, :length]
-
-
-_FLEX_BLOCK = 128  # flex_attention's default sparse block size
-
-
-def _ordered_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nq, nk) block-level booleans -> BlockMask's (1, 1, nq) counts and (1, 1, nq, nk) indices, set ones first."""
-    counts = blocks.sum(-1, dtype=torch.int32)
-    indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return counts[None, None], indices[None, None]
-
-
-def document_block_mask(cu_seqlens: torch.Tensor, device: torch.device) -> Any:
-    """flex_attention BlockMask letting each token attend only within its own image (built once per forward).
-
-    Built at block level from the image boundaries (a 128 x 128 tile is skipped, full, or masked by `mask_mod`),
-    so no token x token mask is ever materialised. On CPU the sequence is padded to a multiple of 128 with one
-    extra document (see `_cpu_flex`).
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    lengths = cu_seqlens.diff().long().to(device)
-    images = len(lengths)
-    document = torch.repeat_interleave(torch.arange(images, device=device), lengths)
-    total = int(document.shape[0])
-    if device.type == "cpu":
-        total = -(-total // _CPU_FLEX_BLOCK) * _CPU_FLEX_BLOCK
-    blocks = -(-total // _FLEX_BLOCK)
-    # Tokens past the end (padding) form one more document, so mask_mod never indexes out of range.
-    document = F.pad(document, (0, blocks * _FLEX_BLOCK - document.shape[0]), value=images)
-    tiles = document.view(blocks, _FLEX_BLOCK)
-    first, last = tiles[:, 0], tiles[:, -1]  # documents are contiguous and increasing
-    touching = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
-    single = first == last
-    full = single[:, None] & single[None, :] & (first[:, None] == first[None, :])
-
-    def same_image(batch: Any, head: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return document[q_idx] == document[kv_idx]
-
-    return BlockMask.from_kv_blocks(
-        *_ordered_blocks(touching & ~full), *_ordered_blocks(full), BLOCK_SIZE=_FLEX_BLOCK, mask_mod=same_image,
-        seq_lengths=(total, total),
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs and helpers
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,10 +141,7 @@ def expand_to_grid(
     cell, token = base_patch_index(layout)
     row = token
     if has_cls:
-        image_of_token = torch.repeat_interleave(
-            torch.arange(len(layout.tokens_per_image), device=device), layout.tokens_per_image
-        )
-        row = token + image_of_token[token] + 1
+        row = token + layout.image_of_token[token] + 1
     grid = states.new_empty(cell.shape[0], states.shape[-1])
     grid[cell] = states[row]
     cells = layout.image_grid_hw.prod(-1)
@@ -552,17 +250,13 @@ class AptPatchEmbeddings(nn.Module):
                 f"pixel_values: expected {channels} channels (config.num_channels), got {pixel_values.shape[1]} "
                 f"in shape {tuple(pixel_values.shape)}"
             )
-        given = [k for k in LAYOUT_KEYS if layout_inputs.get(k) is not None]
+        given = PatchLayout.from_inputs(layout_inputs)
         n = self.native_grid()
-        if given:
-            missing = [k for k in LAYOUT_KEYS if k not in given]
-            if missing:
-                raise ValueError(f"packed inputs: got {given} but {missing} missing; pass all of {list(LAYOUT_KEYS)}"
-                                 " (as AptImageProcessor returns them) or dense pixel_values alone")
+        if given is not None:
             if pixel_values.shape[-2:] != (p, p):
                 raise ValueError(f"pixel_values: packed inputs need base patches of shape (N, {channels}, {p}, {p}), "
                                  f"got {tuple(pixel_values.shape)}")
-            layout = PatchLayout(*(_as_index_tensor(layout_inputs[k], k, pixel_values.device) for k in LAYOUT_KEYS))
+            layout = PatchLayout(*(_as_index_tensor(v, k, pixel_values.device) for k, v in given.as_dict().items()))
             validate_layout(layout, config.num_scales, pixel_values.shape[0])
             grids = layout.image_grid_hw
             if len(grids) == 0:
@@ -624,10 +318,7 @@ class AptPatchEmbeddings(nn.Module):
         device = layout.patch_scales.device
         offsets_t = torch.tensor(offsets, device=device).view(len(grids), num_scales_used)
         widths_t = torch.tensor(widths, device=device).view(len(grids), num_scales_used)
-        image_of_token = torch.repeat_interleave(
-            torch.arange(len(layout.tokens_per_image), device=device), layout.tokens_per_image
-        )
-        g, s = grid_of_image.view(-1)[image_of_token], layout.patch_scales
+        g, s = grid_of_image.view(-1)[layout.image_of_token], layout.patch_scales
         row, col = layout.patch_positions[:, 0] >> s, layout.patch_positions[:, 1] >> s
         index = offsets_t[g, s] + row * widths_t[g, s] + col
         return torch.cat(pieces).index_select(0, index.to(table.device))
@@ -670,8 +361,7 @@ class AptPatchEmbeddings(nn.Module):
         tpi = layout.tokens_per_image
         batch = tpi.shape[0]
         device = tokens.device
-        image_of_token = torch.repeat_interleave(torch.arange(batch, device=device), tpi)
-        token_rows = torch.arange(tokens.shape[0], device=device) + image_of_token + 1
+        token_rows = torch.arange(tokens.shape[0], device=device) + layout.image_of_token + 1
         cls_rows = torch.cumsum(tpi + 1, 0) - (tpi + 1)
         packed = tokens.new_empty(tokens.shape[0] + batch, tokens.shape[1])
         packed.index_copy_(0, token_rows, tokens)
@@ -722,10 +412,45 @@ class AptViTEmbeddings(AptPatchEmbeddings, ViTEmbeddings):
 
 
 def _packed_encoder_config(config: Any) -> Any:
-    """Shallow copy of the config for the stock encoder layers: their attention dispatches to `packed_attention`."""
-    encoder_config = copy.copy(config)
-    encoder_config._attn_implementation_internal = APT_PACKED
-    return encoder_config
+    """A copy of the config for the stock encoder layers, built so that their attention is `packed_attention`."""
+    return type(config)(**config.to_dict(), attn_implementation=APT_PACKED)
+
+
+@torch.no_grad()
+def init_apt_layer(module: nn.Module) -> None:
+    """Initialise a layer APT adds: the zero-MLP with zeros, the merge conv as PyTorch's default Conv2d."""
+    if module._apt_init == "zeros":
+        init.zeros_(module.weight)
+        init.zeros_(module.bias)
+    else:  # nn.Conv2d.reset_parameters, through transformers' guarded init
+        init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(module.weight[0].numel())
+        init.uniform_(module.bias, -bound, bound)
+
+
+def adopt_stock_weights(model: nn.Module, stock: nn.Module) -> None:
+    """Fill a meta-device APT model with the stock model's own tensors (adopted, not copied).
+
+    The layers APT adds (those marked `_apt_init`) are the only ones the stock model lacks; they are materialised
+    and initialised on the device and dtype of the stock embedding module that holds them.
+    """
+    new = {name for name, _ in model.named_apt_parameters()}
+    missing, unexpected = model.load_state_dict(stock.state_dict(keep_vars=True), strict=False, assign=True)
+    if unexpected or set(missing) - new:
+        raise ValueError(f"model_or_path: the stock weights do not match this APT model (missing "
+                         f"{sorted(set(missing) - new)}, unexpected {sorted(unexpected)})")
+    stock_buffers = dict(stock.named_buffers())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:  # non-persistent buffers (e.g. position_ids) are not in a state dict
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(leaf, stock_buffers[name], persistent=False)
+    for name, module in model.named_modules():
+        if getattr(module, "_apt_init", None) is not None:
+            parent = model.get_submodule(name.rpartition(".")[0])
+            like = next(p for p in parent.parameters(recurse=False) if not p.is_meta)  # e.g. the class embedding
+            module.to_empty(device=like.device, recurse=False)
+            module.to(like.dtype)
+            init_apt_layer(module)
 
 
 class AptPreTrainedMixin:
@@ -742,15 +467,15 @@ class AptPreTrainedMixin:
         if requested_attention == APT_PACKED:
             raise ValueError(f"attn_implementation: {APT_PACKED!r} is internal; choose 'sdpa', 'eager', "
                              "'flex_attention', 'flash_attention_2', 'flash_attention_3' or 'varlen'")
-        if requested_attention == "varlen":
-            problem = _varlen_problem()
+        if requested_attention == APT_VARLEN:
+            problem = varlen_problem()
             if problem is not None:
                 raise ValueError(f"attn_implementation='varlen' is not available: {problem}; "
-                                 f"{_INSTALL_HINTS['varlen']}, or use 'sdpa' / 'flex_attention'")
+                                 f"{INSTALL_HINTS[APT_VARLEN]}, or use 'sdpa' / 'flex_attention'")
             return requested_attention
         if requested_attention == "flex_attention" and not is_torch_flex_attn_available():
             raise ValueError("attn_implementation='flex_attention' is not available: "
-                             f"{_INSTALL_HINTS['flex_attention']}")
+                             f"{INSTALL_HINTS['flex_attention']}")
         try:
             return super().get_correct_attn_implementation(requested_attention, is_init_check)
         except ImportError as err:
@@ -759,35 +484,25 @@ class AptPreTrainedMixin:
     def _check_and_adjust_attn_implementation(
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
     ) -> str:
+        """transformers' check, with "varlen" as the user's name for `apt_varlen` and clear errors for missing kernels.
+
+        Overrides a private hook (the only place a model sees the requested name before it is validated).
+        """
+        if attn_implementation == "varlen":
+            attn_implementation = APT_VARLEN
         try:
             return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
         except ImportError as err:
             raise _unavailable(attn_implementation, err) from err
 
     def _packed_attention_kwargs(self, cu_seqlens: torch.Tensor, hidden: torch.Tensor) -> tuple[Any, dict[str, Any]]:
-        """(attention_mask, kwargs) carrying the packing and the user's backend to `packed_attention`."""
-        backend = self.config._attn_implementation or "sdpa"
-        lengths = cu_seqlens.diff()
-        kwargs = {
-            "apt_attn_implementation": backend,
-            "apt_cu_seqlens": cu_seqlens,
-            "apt_max_seqlen": int(lengths.max()),
-        }
-        mask = document_block_mask(cu_seqlens, hidden.device) if backend == "flex_attention" else None
-        return mask, kwargs
+        return packed_attention_kwargs(cu_seqlens, self.config._attn_implementation or "sdpa", hidden.device)
 
     # -- weights ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        kind = getattr(module, "_apt_init", None)
-        if kind == "zeros":
-            init.zeros_(module.weight)
-            init.zeros_(module.bias)
-        elif kind == "torch_default":  # nn.Conv2d.reset_parameters, through transformers' guarded init
-            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-            fan_in = module.weight[0].numel()
-            bound = 1 / math.sqrt(fan_in)
-            init.uniform_(module.bias, -bound, bound)
+        if getattr(module, "_apt_init", None) is not None:
+            init_apt_layer(module)
         else:
             super()._init_weights(module)
 
@@ -806,7 +521,7 @@ class AptPreTrainedMixin:
     @classmethod
     def _from_stock(cls, model_or_path: Any, **kwargs: Any) -> PreTrainedModel:
         """Build from a stock model (object, local path or hub id), keeping every pretrained weight."""
-        apt_fields = {k: kwargs.pop(k) for k in (*APT_FIELDS, "image_mean", "image_std") if k in kwargs}
+        apt_fields = {k: kwargs.pop(k) for k in APT_SETTINGS if k in kwargs}
         attn_implementation = kwargs.pop("attn_implementation", None)
         if isinstance(model_or_path, nn.Module):
             if kwargs:
@@ -816,15 +531,11 @@ class AptPreTrainedMixin:
             stock = cls._stock_class.from_pretrained(model_or_path, **kwargs)
             if "image_mean" not in apt_fields or "image_std" not in apt_fields:
                 apt_fields = {**_processor_stats(model_or_path, kwargs), **apt_fields}
-        config = cls.config_class.from_stock_config(stock.config, **apt_fields)
-        config._attn_implementation = attn_implementation
-        dtype = next(stock.parameters()).dtype
-        model = cls._build_like(config, stock).to(dtype=dtype, device=next(stock.parameters()).device)
-        missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
-        new = {name for name, _ in model.named_apt_parameters()}
-        if unexpected or set(missing) - new:
-            raise ValueError(f"{cls.__name__}: the stock weights do not match (missing {sorted(set(missing) - new)}, "
-                             f"unexpected {sorted(unexpected)})")
+        attn = attn_implementation if attn_implementation is not None else stock.config._attn_implementation
+        config = cls.config_class.from_stock_config(stock.config, **apt_fields, attn_implementation=attn)
+        with torch.device("meta"):
+            model = cls._build_like(config, stock)
+        adopt_stock_weights(model, stock)
         model.config.architectures = [cls.__name__]
         return model.train(stock.training)
 
@@ -850,7 +561,7 @@ class AptPreTrainedMixin:
 
 
 def _unavailable(requested: str | None, err: Exception) -> ValueError:
-    hint = _INSTALL_HINTS.get(str(requested), "install the package it needs")
+    hint = INSTALL_HINTS.get(str(requested), "install the package it needs")
     return ValueError(f"attn_implementation={requested!r} is not available here ({err}); {hint}, "
                       "or use 'sdpa', 'eager' or 'flex_attention'")
 
@@ -878,7 +589,7 @@ def _cls_rows(cu_seqlens: torch.Tensor) -> torch.Tensor:
 
 
 def _layout_fields(layout: PatchLayout, cu_seqlens: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"cu_seqlens": cu_seqlens, **{k: getattr(layout, k) for k in LAYOUT_KEYS}}
+    return {"cu_seqlens": cu_seqlens, **layout.as_dict()}
 
 
 def _check_no_attentions(kwargs: dict[str, Any]) -> None:
@@ -1114,9 +825,6 @@ __all__ = [
     "AptPatchEmbeddings",
     "AptModelOutput",
     "AptImageClassifierOutput",
-    "packed_attention",
-    "document_block_mask",
-    "default_attn_implementation",
     "split_per_image",
     "drop_cls_tokens",
     "expand_to_grid",

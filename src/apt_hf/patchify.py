@@ -15,14 +15,46 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cached_property, lru_cache, partial
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 SCORERS = ("entropy", "laplacian", "upsample_mse")
+APT_FIELDS = ("num_scales", "thresholds", "scorer", "entropy_bins")
+MAX_ENTROPY_BINS = 65536
+
+# The one table of default thresholds, per (scorer, num_scales): the paper's entropy settings and the official
+# code's laplacian / upsample_mse ones. num_scales=1 merges nothing. A default fills a field that is absent (a
+# stock model being converted, an argument not given); it never replaces a saved value.
+DEFAULT_THRESHOLDS: dict[tuple[str, int], tuple[float, ...]] = {
+    ("entropy", 2): (5.5,),
+    ("entropy", 3): (5.5, 4.0),
+    ("laplacian", 2): (0.087,),
+    ("laplacian", 3): (0.035, 0.035),
+    ("upsample_mse", 2): (0.000303,),
+    ("upsample_mse", 3): (0.000303, 0.000025),
+}
+# LLaVA-1.5 at 336/14 (paper Table 3) differs from the ViT setting only here.
+LLAVA_15_THRESHOLDS: dict[tuple[str, int], tuple[float, ...]] = {("entropy", 2): (5.75,)}
+
+
+def default_thresholds(num_scales: int, scorer: str = "entropy", llava: bool = False) -> list[float]:
+    """The default thresholds for this scorer and number of scales (LLaVA-1.5's where `llava`)."""
+    if num_scales == 1:
+        return []
+    key = (scorer, num_scales)
+    value = LLAVA_15_THRESHOLDS.get(key) if llava else None
+    value = value if value is not None else DEFAULT_THRESHOLDS.get(key)
+    if value is None:
+        raise ValueError(
+            f"thresholds: no default for scorer={scorer!r} with num_scales={num_scales!r} (defaults exist for "
+            f"{sorted(DEFAULT_THRESHOLDS)}); pass num_scales - 1 thresholds"
+        )
+    return list(value)
 
 # ITU-R 601 luma weights of DESIGN §1, as integers over 10_000 so 8-bit gray levels are exact.
 _GRAY_WEIGHTS_1E4 = (2989, 5870, 1140)
@@ -30,16 +62,42 @@ _GRAY_WEIGHTS_1E4 = (2989, 5870, 1140)
 
 @dataclass(frozen=True)
 class PatchLayout:
-    """Where every token of a packed batch sits; see the module docstring for the tensors' meaning."""
+    """Where every token of a packed batch sits; see the module docstring for the tensors' meaning.
+
+    The processor returns these four tensors under their field names (`KEYS`), and models take them back as
+    keyword arguments: `PatchLayout.from_inputs(kwargs)` and `layout.as_dict()` are the one place they are named.
+    """
 
     patch_scales: torch.Tensor
     patch_positions: torch.Tensor
     tokens_per_image: torch.Tensor
     image_grid_hw: torch.Tensor
 
+    KEYS: ClassVar[tuple[str, ...]] = ("patch_scales", "patch_positions", "tokens_per_image", "image_grid_hw")
+
+    @classmethod
+    def from_inputs(cls, inputs: Mapping[str, Any]) -> PatchLayout | None:
+        """The layout in `inputs` (e.g. a processor's BatchFeature or forward kwargs); None when it has none."""
+        present = [k for k in cls.KEYS if inputs.get(k) is not None]
+        if not present:
+            return None
+        missing = [k for k in cls.KEYS if inputs.get(k) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: packed image keys missing (got {present}); pass every key the "
+                             f"processor returns ({', '.join(cls.KEYS)}) or dense pixel_values alone")
+        return cls(*(inputs[k] for k in cls.KEYS))
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.KEYS}
+
     def to(self, device: torch.device | str) -> PatchLayout:
-        return PatchLayout(*(t.to(device) for t in (self.patch_scales, self.patch_positions,
-                                                     self.tokens_per_image, self.image_grid_hw)))
+        return PatchLayout(*(t.to(device) for t in self.as_dict().values()))
+
+    @cached_property
+    def image_of_token(self) -> torch.Tensor:
+        """(T,) index of the image each token belongs to."""
+        tokens = self.tokens_per_image
+        return torch.repeat_interleave(torch.arange(len(tokens), device=tokens.device), tokens)
 
 
 def validate_apt_fields(
@@ -56,8 +114,12 @@ def validate_apt_fields(
         raise ValueError(f"patch_size: expected an int >= 1, got {patch_size!r}")
     if scorer not in SCORERS:
         raise ValueError(f"scorer: expected one of {SCORERS}, got {scorer!r}")
-    if not _is_int(entropy_bins) or entropy_bins < 2:
-        raise ValueError(f"entropy_bins: expected an int >= 2, got {entropy_bins!r}")
+    if not _is_int(entropy_bins) or not 2 <= entropy_bins <= MAX_ENTROPY_BINS:
+        raise ValueError(f"entropy_bins: expected an int from 2 to {MAX_ENTROPY_BINS}, got {entropy_bins!r}")
+    if isinstance(thresholds, (str, bytes, numbers.Number)) or (
+            thresholds is not None and not isinstance(thresholds, Sequence) and not hasattr(thresholds, "tolist")):
+        raise ValueError(f"thresholds: expected a list of num_scales - 1 = {num_scales - 1} numbers, got "
+                         f"{thresholds!r} ({type(thresholds).__name__})")
     thresholds = [] if thresholds is None else list(thresholds)
     if len(thresholds) != num_scales - 1:
         raise ValueError(
@@ -304,8 +366,7 @@ def compute_layout(
 
 def concat_layouts(layouts: Sequence[PatchLayout]) -> PatchLayout:
     """Stack the layouts of consecutive image groups into one batch layout."""
-    fields = ("patch_scales", "patch_positions", "tokens_per_image", "image_grid_hw")
-    return PatchLayout(*(torch.cat([getattr(lay, f) for lay in layouts]) for f in fields))
+    return PatchLayout(*(torch.cat([getattr(lay, k) for lay in layouts]) for k in PatchLayout.KEYS))
 
 
 def base_patch_index(layout: PatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +379,7 @@ def base_patch_index(layout: PatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
     device = scales.device
     grid_cells = layout.image_grid_hw.prod(-1)
     offsets = torch.cumsum(grid_cells, 0) - grid_cells
-    image_of_token = torch.repeat_interleave(torch.arange(len(grid_cells), device=device), layout.tokens_per_image)
+    image_of_token = layout.image_of_token
     cells_per_token = 1 << (2 * scales)
     token = torch.repeat_interleave(torch.arange(len(scales), device=device), cells_per_token)
     first = torch.cumsum(cells_per_token, 0) - cells_per_token
@@ -382,7 +443,7 @@ def validate_layout(
         )
     if t == 0:
         return
-    img = torch.repeat_interleave(torch.arange(len(tpi), device=tpi.device), tpi)
+    img = layout.image_of_token
     side = 1 << scales
     if (pos < 0).any() or ((pos + side[:, None]) > grid[img]).any() or ((pos % side[:, None]) != 0).any():
         raise ValueError("patch_positions: expected every token to lie on its image grid, aligned to its scale")
@@ -415,8 +476,7 @@ def select_images(
     index = torch.as_tensor(index, dtype=torch.int64, device=layout.tokens_per_image.device)
     tokens = layout.tokens_per_image
     cells_per_token = 1 << (2 * layout.patch_scales)
-    image_of_token = torch.repeat_interleave(torch.arange(len(tokens), device=tokens.device), tokens)
-    cells = torch.zeros_like(tokens).index_add_(0, image_of_token, cells_per_token)
+    cells = torch.zeros_like(tokens).index_add_(0, layout.image_of_token, cells_per_token)
     token_index = _ranges((torch.cumsum(tokens, 0) - tokens)[index], tokens[index])
     cell_index = _ranges((torch.cumsum(cells, 0) - cells)[index], cells[index])
     picked = PatchLayout(layout.patch_scales[token_index], layout.patch_positions[token_index], tokens[index],

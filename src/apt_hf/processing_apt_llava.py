@@ -11,7 +11,7 @@ from typing import Any
 from transformers.image_utils import make_flat_list_of_images
 from transformers.models.llava.processing_llava import LlavaProcessor
 
-from .image_processing_apt import AptImageProcessor, AptImageProcessorPil
+from .image_processing_apt import apt_image_processor_class, stock_backend, validate_backend
 
 VISION_FEATURE_LAYOUTS = ("packed", "grid")
 
@@ -45,10 +45,25 @@ class AptLlavaProcessor(LlavaProcessor):
         )
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> AptLlavaProcessor:
+        """As LlavaProcessor's. A `backend` ("pil" | "torchvision") is checked here, then reaches AutoImageProcessor,
+        which picks the APT image processor class by it (from the saved auto_map as remote code)."""
+        if kwargs.get("backend") is not None:
+            validate_backend(kwargs["backend"])
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
     def from_llava_processor(
-        cls, processor_or_path: Any, vision_feature_layout: str = "packed", **apt_fields: Any
+        cls, processor_or_path: Any, vision_feature_layout: str = "packed", backend: str | None = None,
+        **apt_fields: Any,
     ) -> AptLlavaProcessor:
-        """Wrap a stock LlavaProcessor (object, local path or hub id), keeping its tokenizer and chat template."""
+        """Wrap a stock LlavaProcessor (object, local path or hub id), keeping its tokenizer and chat template.
+
+        `backend` ("pil" | "torchvision") picks the APT image processor class; without it, the stock image
+        processor's backend is kept (PIL and torchvision resizing differ slightly).
+        """
+        validate_layout_name(vision_feature_layout)
+        apt_class = None if backend is None else apt_image_processor_class(backend)
         if isinstance(processor_or_path, str):
             from transformers import AutoProcessor
 
@@ -57,9 +72,8 @@ class AptLlavaProcessor(LlavaProcessor):
         if not isinstance(stock, LlavaProcessor):
             raise ValueError(f"processor_or_path: expected a LlavaProcessor, got {type(stock).__name__}")
         apt_fields.setdefault("patch_size", stock.patch_size)
-        # Same backend as the stock processor: PIL and torchvision resizing differ slightly.
-        backend = getattr(stock.image_processor, "backend", "pil")
-        apt_class = AptImageProcessor if backend == "torchvision" else AptImageProcessorPil
+        if apt_class is None:
+            apt_class = apt_image_processor_class(stock_backend(stock.image_processor))
         image_processor = apt_class.from_image_processor(stock.image_processor, **apt_fields)
         return cls(
             image_processor=image_processor, tokenizer=stock.tokenizer, patch_size=stock.patch_size,

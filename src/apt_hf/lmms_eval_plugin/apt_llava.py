@@ -41,10 +41,8 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from ..configuration_apt import APT_FIELDS
 from ..image_processing_apt import AptImageProcessor
 from ..modeling_apt_llava import AptLlavaForConditionalGeneration
-from ..patchify import validate_apt_fields
 from ..processing_apt_llava import AptLlavaProcessor, validate_layout_name
 from ..tiny import LLAVA_15_CHAT_TEMPLATE
 
@@ -302,16 +300,12 @@ class AptLlava(lmms):
                                                             **load_kwargs)
         processor = AutoProcessor.from_pretrained(pretrained, revision=load_kwargs["revision"],
                                                   trust_remote_code=trust_remote_code)
-        vision = model.config.vision_config
         if overrides:
-            fields = {name: overrides.get(name, getattr(vision, name)) for name in APT_FIELDS}
             if "num_scales" in overrides and "thresholds" not in overrides:
                 raise ValueError("thresholds: give the thresholds too when overriding num_scales of an APT "
                                  "checkpoint (num_scales - 1 values, e.g. thresholds=5.5;4.0)")
-            fields["thresholds"] = validate_apt_fields(fields["num_scales"], fields["thresholds"], fields["scorer"],
-                                                       fields["entropy_bins"], vision.patch_size)
-            for name, value in fields.items():
-                setattr(vision, name, value)
+            model.config.replace_apt_fields(**overrides)  # validated; the processor takes the resolved fields
+            for name, value in model.config.apt_fields.items():
                 setattr(processor.image_processor, name, value)
         if layout is not None:
             model.config.vision_feature_layout = layout

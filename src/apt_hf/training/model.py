@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
+from ..configuration_apt import validate_vision_feature_layout
 from .arguments import AptArguments, ModelArguments, parse_trainable
 
 logger = logging.getLogger(__name__)
@@ -155,19 +156,11 @@ def _override_apt_config(model: Any, overrides: dict[str, Any]) -> None:
     The APT fields live on the vision config (the LLaVA config only mirrors them); the processor applies them
     to the images, the model reads them for dense `pixel_values` input.
     """
-    from ..patchify import validate_apt_fields
-
     overrides = dict(overrides)
     if "vision_feature_layout" in overrides:
-        model.config.vision_feature_layout = overrides.pop("vision_feature_layout")
-    if not overrides:
-        return
-    vision = model.config.vision_config
-    fields = {k: overrides.get(k, getattr(vision, k)) for k in ("num_scales", "thresholds", "scorer", "entropy_bins")}
-    fields["thresholds"] = validate_apt_fields(fields["num_scales"], fields["thresholds"], fields["scorer"],
-                                               fields["entropy_bins"])
-    for key, value in fields.items():
-        setattr(vision, key, value)
+        model.config.vision_feature_layout = validate_vision_feature_layout(overrides.pop("vision_feature_layout"))
+    if overrides:
+        model.config.replace_apt_fields(**overrides)
 
 
 def _check_match(model: Any, processor: Any) -> None:
