@@ -24,17 +24,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import AutoConfig
 from transformers.utils import logging
 
+from apt_hf.configuration_apt import VISION_FEATURE_LAYOUTS
+from apt_hf.dtypes import DTYPES
 from apt_hf.image_processing_apt import AptImageProcessorPil
 from apt_hf.modeling_apt import AptCLIPVisionModel, AptViTForImageClassification, AptViTModel
 from apt_hf.modeling_apt_llava import AptLlavaForConditionalGeneration
 from apt_hf.patchify import SCORERS, default_thresholds
-from apt_hf.processing_apt_llava import VISION_FEATURE_LAYOUTS, AptLlavaProcessor
-
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from apt_hf.processing_apt_llava import AptLlavaProcessor
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from apt_hf.hub import DEFAULT_MAX_SHARD_SIZE, publish
+from apt_hf.model_card import CardOptions
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -70,11 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = publish(
-            args.model_dir, args.repo_id, private=True if args.private else None, eval_results=args.eval_results,
+            args.model_dir, args.repo_id, private=True if args.private else None,
+            card=CardOptions(base_model=args.base_model, datasets=args.datasets, license=args.license,
+                             eval_results=args.eval_results, speed_table=_speed_table(args.speed_table)),
             dry_run=args.dry_run, local_dir=args.local_dir, revision=args.revision,
-            commit_message=args.commit_message, speed_table=_speed_table(args.speed_table),
-            base_model=args.base_model, datasets=args.datasets, license=args.license,
-            max_shard_size=args.max_shard_size,
+            commit_message=args.commit_message, max_shard_size=args.max_shard_size,
         )
     except (ValueError, OSError) as err:  # OSError covers HTTP and token errors; no message holds the token
         print(f"error: {err}", file=sys.stderr)

@@ -34,7 +34,7 @@ from apt_hf import (
     AptViTForImageClassification,
 )
 from apt_hf.hub import collect_upload_set, publish, upload, validate_repo_id
-from apt_hf.model_card import parse_lmms_eval_results
+from apt_hf.model_card import CardOptions, parse_lmms_eval_results
 from apt_hf.sample_images import load_photos
 from apt_hf.tiny import build_tiny_llava, tiny_vision_config
 
@@ -535,7 +535,7 @@ def test_eval_results_that_are_not_json(tmp_path, llava):
         parse_lmms_eval_results(tmp_path / "missing.json")
     path, _, _ = llava  # checked before the model folder is touched
     with pytest.raises(ValueError, match="eval_results"):
-        publish(path, REPO, eval_results=samples, dry_run=True, local_dir=tmp_path / "out")
+        publish(path, REPO, card=CardOptions(eval_results=samples), dry_run=True, local_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -593,3 +593,24 @@ def test_cli_reports_bad_input_without_traceback(llava, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli("--model_dir", path, "--repo_id", REPO, "--dry_run")
     assert "--dry_run needs --local_dir" in capsys.readouterr().err
+
+
+def test_comparison_tables_read_results_with_the_card_parser(tmp_path):
+    """`lmms_eval_plugin.results` (comparison tables) reads lmms-eval's JSON through the card's one parser."""
+    from apt_hf.lmms_eval_plugin.results import compare_dirs, load_run
+
+    for name, speedup in (("stock", 1.0), ("apt", 1.5)):
+        data = json.loads(json.dumps(LMMS_RESULTS))
+        data["throughput"]["avg_gqa/images_per_second"] *= speedup
+        data["throughput"]["avg_gqa/num_images"] = 100
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "20260101_120000_results.json").write_text(json.dumps(data))
+    run = load_run(tmp_path / "apt")
+    assert run.model == "apt_llava" and run.model_args == "pretrained=/ckpt/apt-llava"
+    assert run.scores == {"gqa": {"exact_match": 0.6121}, "pope": {"pope_accuracy": 0.8613, "pope_f1_score": 0.8532}}
+    assert run.speed["gqa"].images_per_second == 2.1 * 1.5 and run.speed["gqa"].num_images == 100
+    assert "gqa" in compare_dirs(tmp_path / "stock", tmp_path / "apt", ("stock", "APT"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x_results.json").write_text(json.dumps({"results": {}}))
+    with pytest.raises(ValueError, match="results_dir"):
+        load_run(tmp_path / "bad")

@@ -10,7 +10,7 @@ import torch
 
 from apt_hf import AptLlavaConfig, AptLlavaForConditionalGeneration, AptLlavaProcessor
 from apt_hf.patchify import PatchLayout
-from apt_hf.sample_images import load_photos
+from apt_hf.sample_images import load_photos, photo_folder
 from apt_hf.tiny import build_tiny_llava, tiny_vision_config
 
 PROMPT = "USER: <image>\nWhat is shown? ASSISTANT:"
@@ -39,19 +39,22 @@ def convert(stock, processor, layout, thresholds):
 @pytest.mark.parametrize("layout", ["packed", "grid"])
 def test_nothing_merged_equals_stock_logits(tiny, photos, layout, backend):
     stock, processor = tiny
+    original = stock.config._attn_implementation
     stock.set_attn_implementation(backend)
-    model, apt_processor = convert(stock, processor, layout, [-1])
-    assert model.config.vision_config._attn_implementation == backend
-    texts = [PROMPT, TWO_IMAGES, PROMPT]
-    images = [photos[0], photos[1], photos[2], photos[3]]
-    expected_inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    inputs = apt_processor(images=images, text=texts, return_tensors="pt", padding=True)
-    assert torch.equal(inputs["input_ids"], expected_inputs["input_ids"])  # same prompt, token for token
-    with torch.no_grad():
-        expected = stock(**expected_inputs).logits
-        got = model(**inputs).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    stock.set_attn_implementation("sdpa")
+    try:
+        model, apt_processor = convert(stock, processor, layout, [-1])
+        assert model.config.vision_config._attn_implementation == backend
+        texts = [PROMPT, TWO_IMAGES, PROMPT]
+        images = [photos[0], photos[1], photos[2], photos[3]]
+        expected_inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        inputs = apt_processor(images=images, text=texts, return_tensors="pt", padding=True)
+        assert torch.equal(inputs["input_ids"], expected_inputs["input_ids"])  # same prompt, token for token
+        with torch.no_grad():
+            expected = stock(**expected_inputs).logits
+            got = model(**inputs).logits
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    finally:  # the stock model is shared by the module's tests
+        stock.set_attn_implementation(original)
 
 
 def test_merged_image_tokens_match_tower_output(tiny, photos):
@@ -135,7 +138,7 @@ def test_remote_code_round_trip_without_apt_hf(tmp_path, tiny, photos):
     with torch.no_grad():
         expected = model(**batch).logits
     torch.save(expected, tmp_path / "expected.pt")
-    photo_dir = str(load_photos.__globals__["photo_folder"]())
+    photo_dir = str(photo_folder())
     code = f"""
 import sys
 sys.modules["apt_hf"] = None  # apt_hf cannot be imported: only the checkpoint's own code is available

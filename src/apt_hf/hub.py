@@ -21,11 +21,11 @@ logged here.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from transformers.dynamic_module_utils import get_relative_imports
 from transformers.utils.hub import convert_file_size_to_int
 
 from .configuration_apt import APT_FIELDS
-from .model_card import LmmsEvalRun, parse_lmms_eval_results, render_model_card
+from .model_card import CardOptions, LmmsEvalRun, render_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -441,11 +441,7 @@ def collect_upload_set(
     work_dir: str | Path,
     *,
     repo_id: str,
-    eval_results: str | Path | dict[str, Any] | None = None,
-    speed_table: Any = None,
-    base_model: str | None = None,
-    datasets: Sequence[str] | None = None,
-    license: str | None = None,
+    card: CardOptions | None = None,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
 ) -> UploadSet:
     """Check `model_dir` and list what its repository holds; generated files (card, patched JSON, re-saved
@@ -456,7 +452,8 @@ def collect_upload_set(
     Every check runs before the weights are converted, which can take a while for a large model.
     """
     repo_id = validate_repo_id(repo_id)
-    eval_run: LmmsEvalRun | None = parse_lmms_eval_results(eval_results) if eval_results is not None else None
+    card_options = card or CardOptions()
+    eval_run: LmmsEvalRun | None = card_options.eval_run()
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     max_shard_bytes = _shard_bytes(max_shard_size)
     config, kind, card_kind = _read_model_config(model_dir)
@@ -467,8 +464,9 @@ def collect_upload_set(
     notes: list[str] = []
     json_files, changed, auto_map = _complete_auto_maps(model_dir, config, kind, card_kind, notes)
     code_dir, code_files = _remote_code(model_dir, json_files, notes)
-    card = render_model_card(card_kind, repo_id, settings, base_model=base_model or _recorded_base_model(model_dir),
-                             datasets=datasets, license=license, eval_run=eval_run, speed_table=speed_table)
+    card_options = dataclasses.replace(card_options,
+                                       base_model=card_options.base_model or _recorded_base_model(model_dir))
+    card = render_model_card(card_kind, repo_id, settings, card_options, eval_run=eval_run)
     if eval_run is not None and eval_run.limit not in (None, 0):
         notes.append(f"eval_results: lmms-eval ran with --limit {eval_run.limit}; the card says so")
     if kind == "llava" and not _has_chat_template(model_dir):
@@ -633,15 +631,11 @@ def publish(
     repo_id: str,
     *,
     private: bool | None = None,
-    eval_results: str | Path | dict[str, Any] | None = None,
+    card: CardOptions | None = None,
     dry_run: bool = False,
     local_dir: str | Path | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
-    speed_table: Any = None,
-    base_model: str | None = None,
-    datasets: Sequence[str] | None = None,
-    license: str | None = None,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     api: HfApi | None = None,
 ) -> PublishResult:
@@ -656,8 +650,7 @@ def publish(
         _check_local_dir(local_dir, model_dir)  # before any (possibly long) conversion
     with tempfile.TemporaryDirectory(prefix="apt_hf_upload_") as work_dir:
         upload_set = collect_upload_set(
-            model_dir, work_dir, repo_id=repo_id, eval_results=eval_results, speed_table=speed_table,
-            base_model=base_model, datasets=datasets, license=license, max_shard_size=max_shard_size)
+            model_dir, work_dir, repo_id=repo_id, card=card, max_shard_size=max_shard_size)
         if dry_run:
             return PublishResult(upload_set, local_dir=write_upload_folder(upload_set, local_dir))
         commit = upload(upload_set, private=private, revision=revision, commit_message=commit_message, api=api)

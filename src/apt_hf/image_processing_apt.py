@@ -30,7 +30,7 @@ from .patchify import (
 
 logger = logging.get_logger(__name__)
 
-APT_IMAGE_KEYS = ("pixel_values", "patch_scales", "patch_positions", "tokens_per_image", "image_grid_hw")
+APT_IMAGE_KEYS = ("pixel_values", *PatchLayout.KEYS)
 # transformers' image processor backend names (`AutoImageProcessor.from_pretrained(..., backend=)`).
 BACKENDS = ("pil", "torchvision")
 
@@ -143,10 +143,7 @@ class AptImageProcessingMixin:
         packed, layouts = _pack_in_order(pixels, eight_bit, patch_size, num_scales, thresholds, scorer, entropy_bins)
         data = {
             "pixel_values": packed,
-            "patch_scales": layouts.patch_scales,
-            "patch_positions": layouts.patch_positions,
-            "tokens_per_image": layouts.tokens_per_image,
-            "image_grid_hw": layouts.image_grid_hw,
+            **layouts.as_dict(),
         }
         return BatchFeature(data=data, tensor_type=return_tensors)
 

@@ -106,19 +106,20 @@ def _optional_str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def parse_lmms_eval_results(source: str | Path | Mapping[str, Any]) -> LmmsEvalRun:
+def parse_lmms_eval_results(source: str | Path | Mapping[str, Any], argument: str = "eval_results") -> LmmsEvalRun:
     """Read lmms-eval's aggregated results JSON (`<date>_results.json`), refusing anything else with a ValueError.
 
     The schema is lmms-eval's: top-level "results" {task: {"alias": ..., "<metric>,<filter>": value,
     "<metric>_stderr,<filter>": value or "N/A"}}, "configs" {task: task config}, "versions", "config" {"model",
     "model_args", "limit", ...}, plus "n-shot", "higher_is_better", "n-samples", "date", ...
+    `argument` names the input in error messages. The one reader of that schema: cards and comparison tables.
     """
-    where = "eval_results"
+    where = argument
     if isinstance(source, Mapping):
         data: Any = source
     else:
         path = Path(source)
-        where = f"eval_results ({path})"
+        where = f"{argument} ({path})"
         if not path.is_file():
             raise ValueError(f"{where}: expected lmms-eval's results JSON file, no such file")
         try:
@@ -270,23 +271,44 @@ def apt_settings_rows(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+@dataclass
+class CardOptions:
+    """What a model card states beyond the checkpoint itself; every field is optional.
+
+    base_model: hub id APT was converted from; datasets: hub ids of the fine-tuning data; license: the card's
+    license (default: the base model family's); eval_results: lmms-eval's results JSON (path or dict);
+    speed_table: rows {"column": value} for the speed table.
+    """
+
+    base_model: str | None = None
+    datasets: Sequence[str] | None = None
+    license: str | None = None
+    eval_results: str | Path | Mapping[str, Any] | None = None
+    speed_table: Any = None
+
+    def eval_run(self) -> LmmsEvalRun | None:
+        return parse_lmms_eval_results(self.eval_results) if self.eval_results is not None else None
+
+
 def render_model_card(
     kind: str,
     repo_id: str,
     settings: Mapping[str, Any],
+    options: CardOptions | None = None,
     *,
-    base_model: str | None = None,
-    datasets: Sequence[str] | None = None,
-    license: str | None = None,
     eval_run: LmmsEvalRun | None = None,
-    speed_table: Any = None,
     template_path: str | Path | None = None,
 ) -> ModelCard:
     """The README.md of an APT checkpoint: metadata in ModelCardData, prose and tables from the kind's template.
 
     kind: "llava", "clip", "vit" or "vit_classifier"; settings: the APT fields (num_scales, thresholds, scorer,
-    entropy_bins), patch_size, image_size and, for LLaVA, vision_feature_layout.
+    entropy_bins), patch_size, image_size and, for LLaVA, vision_feature_layout. `eval_run`: the parsed
+    `options.eval_results`, when the caller has parsed them already.
     """
+    options = options or CardOptions()
+    eval_run = eval_run if eval_run is not None else options.eval_run()
+    base_model, datasets, license, speed_table = (options.base_model, options.datasets, options.license,
+                                                  options.speed_table)
     if kind not in CARD_KINDS:
         raise ValueError(f"kind: expected one of {sorted(CARD_KINDS)}, got {kind!r}")
     spec = CARD_KINDS[kind]
@@ -338,6 +360,7 @@ def render_model_card(
 __all__ = [
     "CARD_KINDS",
     "CITATION",
+    "CardOptions",
     "LmmsEvalRun",
     "LmmsEvalScore",
     "apt_settings_rows",

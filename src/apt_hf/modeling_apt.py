@@ -611,7 +611,42 @@ def _embed_packed(
     return embeddings(base, layout)[None], layout, cu_seqlens
 
 
-class AptCLIPVisionModel(AptPreTrainedMixin, CLIPPreTrainedModel):
+class AptVisionModelMixin(AptPreTrainedMixin):
+    """The forward both vision models share: embed (paper eq. 2) -> the stock encoder, packed -> pool per image."""
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        patch_scales: torch.Tensor | None = None,
+        patch_positions: torch.Tensor | None = None,
+        tokens_per_image: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Any,
+    ) -> AptModelOutput:
+        r"""
+        pixel_values: dense `(B, C, H, W)` normalized images, or the processor's base patches `(N, C, p, p)`.
+        patch_scales, patch_positions, tokens_per_image, image_grid_hw: the processor's layout (packed input).
+        interpolate_pos_encoding: allow image sizes other than config.image_size (as the stock model).
+        """
+        _check_no_attentions(kwargs)
+        layout_inputs = dict(zip(PatchLayout.KEYS, (patch_scales, patch_positions, tokens_per_image, image_grid_hw),
+                                 strict=True))
+        hidden, layout, cu_seqlens = _embed_packed(self.embeddings, pixel_values, layout_inputs,
+                                                   interpolate_pos_encoding)
+        mask, attn_kwargs = self._packed_attention_kwargs(cu_seqlens, hidden)
+        last_hidden_state, pooled = self._encode_and_pool(hidden, mask, cu_seqlens, **attn_kwargs, **kwargs)
+        return AptModelOutput(last_hidden_state=last_hidden_state, pooler_output=pooled,
+                              **_layout_fields(layout, cu_seqlens))
+
+    def _encode_and_pool(self, hidden: torch.Tensor, mask: Any, cu_seqlens: torch.Tensor,
+                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Packed embeddings (1, L, D) -> (last_hidden_state, pooler_output), as the stock model computes them."""
+        raise NotImplementedError
+
+
+class AptCLIPVisionModel(AptVisionModelMixin, CLIPPreTrainedModel):
     """`CLIPVisionModel` with adaptive patches: same weights and outputs per image, packed sequence."""
 
     config_class = AptCLIPVisionConfig
@@ -651,37 +686,13 @@ class AptCLIPVisionModel(AptPreTrainedMixin, CLIPPreTrainedModel):
         raise ValueError(f"{cls.__name__}.from_clip: expected a CLIPVisionModel, a CLIP model with .vision_model, a "
                          f"path or a hub id, got {type(model).__name__}")
 
-    @capture_outputs(tie_last_hidden_states=False)
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        patch_scales: torch.Tensor | None = None,
-        patch_positions: torch.Tensor | None = None,
-        tokens_per_image: torch.Tensor | None = None,
-        image_grid_hw: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool | None = False,
-        **kwargs: Any,
-    ) -> AptModelOutput:
-        r"""
-        pixel_values: dense `(B, C, H, W)` normalized images, or the processor's base patches `(N, C, p, p)`.
-        patch_scales, patch_positions, tokens_per_image, image_grid_hw: the processor's layout (packed input).
-        interpolate_pos_encoding: allow image sizes other than config.image_size (as the stock model).
-        """
-        _check_no_attentions(kwargs)
-        layout_inputs = {"patch_scales": patch_scales, "patch_positions": patch_positions,
-                         "tokens_per_image": tokens_per_image, "image_grid_hw": image_grid_hw}
-        hidden, layout, cu_seqlens = _embed_packed(self.embeddings, pixel_values, layout_inputs,
-                                                   interpolate_pos_encoding)
-        hidden = self.pre_layrnorm(hidden)
-        mask, attn_kwargs = self._packed_attention_kwargs(cu_seqlens, hidden)
-        encoder_outputs = self.encoder(inputs_embeds=hidden, attention_mask=mask, **attn_kwargs, **kwargs)
-        last_hidden_state = encoder_outputs.last_hidden_state
-        pooled_output = self.post_layernorm(last_hidden_state[0, _cls_rows(cu_seqlens)])
-        return AptModelOutput(last_hidden_state=last_hidden_state, pooler_output=pooled_output,
-                              **_layout_fields(layout, cu_seqlens))
+    def _encode_and_pool(self, hidden: torch.Tensor, mask: Any, cu_seqlens: torch.Tensor,
+                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        states = self.encoder(inputs_embeds=self.pre_layrnorm(hidden), attention_mask=mask, **kwargs).last_hidden_state
+        return states, self.post_layernorm(states[0, _cls_rows(cu_seqlens)])
 
 
-class AptViTModel(AptPreTrainedMixin, ViTPreTrainedModel):
+class AptViTModel(AptVisionModelMixin, ViTPreTrainedModel):
     """`ViTModel` with adaptive patches: same weights and outputs per image, packed sequence."""
 
     config_class = AptViTConfig
@@ -721,35 +732,13 @@ class AptViTModel(AptPreTrainedMixin, ViTPreTrainedModel):
     def _build_like(cls, config: Any, stock: PreTrainedModel) -> PreTrainedModel:
         return cls(config, add_pooling_layer=stock.pooler is not None)
 
-    @capture_outputs(tie_last_hidden_states=False)
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        patch_scales: torch.Tensor | None = None,
-        patch_positions: torch.Tensor | None = None,
-        tokens_per_image: torch.Tensor | None = None,
-        image_grid_hw: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool | None = None,
-        **kwargs: Any,
-    ) -> AptModelOutput:
-        r"""
-        pixel_values: dense `(B, C, H, W)` normalized images, or the processor's base patches `(N, C, p, p)`.
-        patch_scales, patch_positions, tokens_per_image, image_grid_hw: the processor's layout (packed input).
-        interpolate_pos_encoding: allow image sizes other than config.image_size (as the stock model).
-        """
-        _check_no_attentions(kwargs)
-        layout_inputs = {"patch_scales": patch_scales, "patch_positions": patch_positions,
-                         "tokens_per_image": tokens_per_image, "image_grid_hw": image_grid_hw}
-        hidden, layout, cu_seqlens = _embed_packed(self.embeddings, pixel_values, layout_inputs,
-                                                   interpolate_pos_encoding)
-        mask, attn_kwargs = self._packed_attention_kwargs(cu_seqlens, hidden)
+    def _encode_and_pool(self, hidden: torch.Tensor, mask: Any, cu_seqlens: torch.Tensor,
+                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         for layer in self.layers:
-            hidden = layer(hidden, mask, **attn_kwargs, **kwargs)
-        sequence_output = self.layernorm(hidden)
-        cls_states = sequence_output[:, _cls_rows(cu_seqlens)]  # (1, B, D)
-        pooled_output = self.pooler(cls_states.transpose(0, 1)) if self.pooler is not None else None
-        return AptModelOutput(last_hidden_state=sequence_output, pooler_output=pooled_output,
-                              **_layout_fields(layout, cu_seqlens))
+            hidden = layer(hidden, mask, **kwargs)
+        states = self.layernorm(hidden)
+        cls_states = states[:, _cls_rows(cu_seqlens)]  # (1, B, D)
+        return states, self.pooler(cls_states.transpose(0, 1)) if self.pooler is not None else None
 
 
 class AptViTForImageClassification(AptPreTrainedMixin, ViTPreTrainedModel):

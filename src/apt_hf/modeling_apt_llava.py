@@ -26,6 +26,9 @@ from .configuration_apt import APT_SETTINGS, AptLlavaConfig, declared_settings
 from .modeling_apt import AptCLIPVisionModel, adopt_stock_weights, drop_cls_tokens, expand_to_grid
 from .patchify import PatchLayout
 
+# The parts `parameters_of` knows, e.g. for freezing policies (`finetune_llava.py --trainable`).
+MODEL_PARTS = ("apt", "projector", "language_model", "vision_tower")
+
 
 class AptLlavaModel(LlavaModel):
     """`LlavaModel` whose tower is an `AptCLIPVisionModel`; only image feature extraction differs."""
@@ -67,8 +70,8 @@ class AptLlavaModel(LlavaModel):
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        layout = PatchLayout.from_inputs({"patch_scales": patch_scales, "patch_positions": patch_positions,
-                                          "tokens_per_image": tokens_per_image, "image_grid_hw": image_grid_hw})
+        layout = PatchLayout.from_inputs(dict(zip(
+            PatchLayout.KEYS, (patch_scales, patch_positions, tokens_per_image, image_grid_hw), strict=True)))
         layout_kwargs = {} if layout is None else layout.as_dict()
         tower = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **layout_kwargs)
         layers = [layer] if isinstance(layer, int) else list(layer)
@@ -164,8 +167,6 @@ class AptLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
         patch_scales: torch.Tensor | None = None,
         patch_positions: torch.Tensor | None = None,
         tokens_per_image: torch.Tensor | None = None,
@@ -173,15 +174,14 @@ class AptLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         mm_encoder_outputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """`LlavaForConditionalGeneration.forward` plus the processor's packed image keys."""
-        mm_encoder_outputs = self.model.encode_images(
-            pixel_values, mm_encoder_outputs, vision_feature_layer, vision_feature_select_strategy,
-            patch_scales=patch_scales, patch_positions=patch_positions, tokens_per_image=tokens_per_image,
-            image_grid_hw=image_grid_hw,
-        )
-        return super().forward(input_ids=input_ids, vision_feature_layer=vision_feature_layer,
-                               vision_feature_select_strategy=vision_feature_select_strategy,
-                               mm_encoder_outputs=mm_encoder_outputs, **kwargs)
+        """`LlavaForConditionalGeneration.forward` plus the processor's packed image keys.
+
+        Declared here so that `generate` accepts them; `AptLlavaModel.forward` turns them into `mm_encoder_outputs`.
+        """
+        layout = dict(zip(PatchLayout.KEYS, (patch_scales, patch_positions, tokens_per_image, image_grid_hw),
+                          strict=True))
+        return super().forward(input_ids=input_ids, pixel_values=pixel_values, mm_encoder_outputs=mm_encoder_outputs,
+                               **layout, **kwargs)
 
     def apt_parameters(self) -> list[nn.Parameter]:
         """The parameters APT adds to the tower (merge conv, zero-MLP)."""
@@ -190,6 +190,19 @@ class AptLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def named_apt_parameters(self) -> list[tuple[str, nn.Parameter]]:
         prefix = "model.vision_tower."
         return [(prefix + name, p) for name, p in self.model.vision_tower.named_apt_parameters()]
+
+    def parameters_of(self, part: str) -> list[nn.Parameter]:
+        """The parameters of one part (`MODEL_PARTS`): APT's new layers, the projector, the language model with
+        its head, or the whole vision tower."""
+        if part == "apt":
+            return self.apt_parameters()
+        if part == "projector":
+            return list(self.model.multi_modal_projector.parameters())
+        if part == "language_model":
+            return [*self.model.language_model.parameters(), *self.lm_head.parameters()]
+        if part == "vision_tower":
+            return list(self.model.vision_tower.parameters())
+        raise ValueError(f"part: expected one of {MODEL_PARTS}, got {part!r}")
 
     @classmethod
     def from_llava(
@@ -238,4 +251,4 @@ def register_auto_classes() -> None:
     AutoModelForImageTextToText.register(AptLlavaConfig, AptLlavaForConditionalGeneration, exist_ok=True)
 
 
-__all__ = ["AptLlavaModel", "AptLlavaForConditionalGeneration", "register_auto_classes"]
+__all__ = ["AptLlavaModel", "AptLlavaForConditionalGeneration", "MODEL_PARTS", "register_auto_classes"]

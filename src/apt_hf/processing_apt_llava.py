@@ -11,15 +11,8 @@ from typing import Any
 from transformers.image_utils import make_flat_list_of_images
 from transformers.models.llava.processing_llava import LlavaProcessor
 
+from .configuration_apt import VISION_FEATURE_LAYOUTS, validate_vision_feature_layout
 from .image_processing_apt import apt_image_processor_class, stock_backend, validate_backend
-
-VISION_FEATURE_LAYOUTS = ("packed", "grid")
-
-
-def validate_layout_name(layout: str) -> str:
-    if layout not in VISION_FEATURE_LAYOUTS:
-        raise ValueError(f"vision_feature_layout: expected one of {VISION_FEATURE_LAYOUTS}, got {layout!r}")
-    return layout
 
 
 class AptLlavaProcessor(LlavaProcessor):
@@ -37,7 +30,7 @@ class AptLlavaProcessor(LlavaProcessor):
         vision_feature_layout: str = "packed",
         **kwargs: Any,
     ) -> None:
-        self.vision_feature_layout = validate_layout_name(vision_feature_layout)
+        self.vision_feature_layout = validate_vision_feature_layout(vision_feature_layout)
         super().__init__(
             image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
             vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
@@ -62,7 +55,7 @@ class AptLlavaProcessor(LlavaProcessor):
         `backend` ("pil" | "torchvision") picks the APT image processor class; without it, the stock image
         processor's backend is kept (PIL and torchvision resizing differ slightly).
         """
-        validate_layout_name(vision_feature_layout)
+        validate_vision_feature_layout(vision_feature_layout)
         apt_class = None if backend is None else apt_image_processor_class(backend)
         if isinstance(processor_or_path, str):
             from transformers import AutoProcessor

@@ -165,8 +165,7 @@ def processed_images(batch: Any, image_mean: Sequence[float] | None, image_std: 
     Reassembling the packed base patches and undoing normalize shows exactly the pixels that were scored,
     so the drawing cannot drift from the processor's resize / crop / pad.
     """
-    layout = PatchLayout(*(torch.as_tensor(batch[k]) for k in ("patch_scales", "patch_positions",
-                                                               "tokens_per_image", "image_grid_hw")))
+    layout = PatchLayout(*(torch.as_tensor(batch[k]) for k in PatchLayout.KEYS))
     images = unpack_base_patches(torch.as_tensor(batch["pixel_values"]), layout)
     return [Image.fromarray(recover_uint8(img, image_mean, image_std, rescale_factor).permute(1, 2, 0).numpy())
             for img in images]

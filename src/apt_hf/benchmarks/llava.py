@@ -19,7 +19,6 @@ import argparse
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ from ..modeling_apt_llava import AptLlavaForConditionalGeneration
 from ..processing_apt_llava import AptLlavaProcessor
 from ..sample_images import load_photos
 from ..tiny import build_tiny_llava, tiny_vision_config
+from .timing import timed
 
 PRESETS = {
     "cpu": {"vision": (768, 6, 12, 3072), "text": (1024, 6, 16, 2816)},
@@ -74,18 +74,6 @@ def prefill_flops(model: Any, vision_tokens: Sequence[int], text_lengths: Sequen
     projector = 2 * lm_tokens * (vc.hidden_size * tc.hidden_size + tc.hidden_size ** 2)
     text = tc.num_hidden_layers * layer_flops(text_lengths, tc.hidden_size, tc.intermediate_size, 3)
     return tower + projector + text
-
-
-def timed(fn: Callable[[], Any], device: str, clock: str = "wall") -> float:
-    now = time.process_time if clock == "cpu" else time.perf_counter
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = now()
-    with torch.no_grad():
-        fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return now() - start
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -22,15 +22,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import transformers
 
+from ..dtypes import TORCH_DTYPES
 from ..patchify import PatchLayout, unpack_base_patches
 from ..sample_images import PHOTOS, load_photos
+from .timing import peak_memory, timed
 
 SIZES = {  # hidden, layers, heads, mlp
     "tiny": (192, 12, 3, 768),
@@ -39,7 +40,6 @@ SIZES = {  # hidden, layers, heads, mlp
     "large": (1024, 24, 16, 4096),
     "huge": (1280, 32, 16, 5120),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -52,7 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="a real checkpoint (CLIP / ViT) instead of random weights")
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32")
     parser.add_argument("--attn", nargs="*", default=None,
                         help="attention implementations to time APT with (default: the device's default)")
     parser.add_argument("--num_scales", type=int, default=2)
@@ -97,7 +97,7 @@ def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Mo
                                       intermediate_size=mlp, image_size=args.image_size, patch_size=args.patch_size)
             stock = CLIPVisionModel(config)
         apt = AptCLIPVisionModel.from_clip(stock, image_mean=[0.5] * 3, image_std=[0.5] * 3, **fields)
-    dtype = DTYPES[args.dtype]
+    dtype = TORCH_DTYPES[args.dtype]
     stock = stock.to(args.device, dtype).eval()
     apt = apt.to(args.device, dtype).eval()
     return stock, apt, stock.config
@@ -114,11 +114,6 @@ def packed_inputs(args: argparse.Namespace, thresholds: list[float], image_size:
         thresholds=thresholds, scorer=args.scorer,
     )
     return dict(processor(photos, return_tensors="pt"))
-
-
-def layout_of(batch: dict[str, Any]) -> PatchLayout:
-    return PatchLayout(batch["patch_scales"], batch["patch_positions"], batch["tokens_per_image"],
-                       batch["image_grid_hw"])
 
 
 def forward_flops(config: Any, layout: PatchLayout, apt: bool) -> float:
@@ -139,27 +134,6 @@ def forward_flops(config: Any, layout: PatchLayout, apt: bool) -> float:
     return float(flops)
 
 
-def timed(fn: Callable[[], Any], device: str, clock: str) -> float:
-    now = time.process_time if clock == "cpu" else time.perf_counter
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = now()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return now() - start
-
-
-def peak_memory(fn: Callable[[], Any], device: str) -> float | None:
-    if not device.startswith("cuda"):
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -168,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     patch, image_size = int(config.patch_size), int(config.image_size)
     merged = packed_inputs(args, args.thresholds, image_size, patch)
     uniform = packed_inputs(args, [-1.0] * (args.num_scales - 1), image_size, patch)
-    dense = torch.stack(unpack_base_patches(merged["pixel_values"], layout_of(merged)))
+    dense = torch.stack(unpack_base_patches(merged["pixel_values"], PatchLayout.from_inputs(merged)))
     device = args.device
     to_device = {k: v.to(device) for k, v in merged.items()}
     to_device_uniform = {k: v.to(device) for k, v in uniform.items()}
@@ -202,10 +176,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 times[name].append(timed(lambda name=name: call(name), device, args.clock))
     ms = {name: 1e3 * min(t) for name, t in times.items()}
 
-    stock_flops = forward_flops(config, layout_of(uniform), apt=False)
-    merged_flops = forward_flops(config, layout_of(merged), apt=True)
-    uniform_flops = forward_flops(config, layout_of(uniform), apt=True)
-    cells = int(layout_of(uniform).image_grid_hw.prod(-1).sum())
+    stock_flops = forward_flops(config, PatchLayout.from_inputs(uniform), apt=False)
+    merged_flops = forward_flops(config, PatchLayout.from_inputs(merged), apt=True)
+    uniform_flops = forward_flops(config, PatchLayout.from_inputs(uniform), apt=True)
+    cells = int(PatchLayout.from_inputs(uniform).image_grid_hw.prod(-1).sum())
     kept = int(merged["tokens_per_image"].sum())
 
     print(f"## APT vs stock {type(stock).__name__}: {args.family} {args.size if not args.model else args.model}, "

@@ -41,9 +41,10 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from ..configuration_apt import validate_vision_feature_layout
 from ..image_processing_apt import AptImageProcessor
 from ..modeling_apt_llava import AptLlavaForConditionalGeneration
-from ..processing_apt_llava import AptLlavaProcessor, validate_layout_name
+from ..processing_apt_llava import AptLlavaProcessor
 from ..tiny import LLAVA_15_CHAT_TEMPLATE
 
 APT_MODEL_TYPE = "apt_llava"
@@ -225,7 +226,7 @@ class AptLlava(lmms):
         self.use_cache = bool(use_cache)
         apt_overrides = self._apt_overrides(num_scales, thresholds, scorer, entropy_bins)
         if vision_feature_layout is not None:
-            vision_feature_layout = validate_layout_name(vision_feature_layout)
+            vision_feature_layout = validate_vision_feature_layout(vision_feature_layout)
         load_kwargs: dict[str, Any] = {"revision": revision, "dtype": parse_dtype(dtype)}
         if attn_implementation is not None:
             load_kwargs["attn_implementation"] = attn_implementation

@@ -8,12 +8,11 @@ with other models show "–" there.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from ..model_card import LmmsEvalRun, parse_lmms_eval_results
 
 # The paper's Table 3 (LLaVA-1.5) benchmarks, as lmms-eval names them, in the paper's order.
 TABLE3_TASKS = ("vqav2", "gqa", "scienceqa_img", "textvqa_val", "pope", "mme", "mmbench_en_dev", "mmbench_cn_dev",
@@ -92,36 +91,21 @@ def find_results_files(path: str | Path) -> list[Path]:
     return files
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from lmms-eval's "results" block: numeric metrics, no stderr, filter "none" first."""
+def task_scores(run: LmmsEvalRun) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} of a parsed results file: numeric metrics, no stderr, filter "none" first."""
     scores: dict[str, dict[str, float]] = {}
-    for task, entry in results.items():
-        if not isinstance(entry, dict):
-            continue
-        metrics: dict[str, float] = {}
-        for key, value in entry.items():
-            metric, _, filter_name = key.partition(",")
-            number = _number(value)
-            if number is None or "_stderr" in metric or metric == "alias":
-                continue
-            if metric not in metrics or filter_name == "none":
-                metrics[metric] = number
-        if metrics:
-            scores[task] = metrics
+    for score in run.scores:
+        metrics = scores.setdefault(score.task, {})
+        if score.metric not in metrics or score.filter == "none":
+            metrics[score.metric] = score.value
     return scores
 
 
-def throughput_speeds(throughput: dict[str, Any], tasks: Iterable[str]) -> dict[str, TaskSpeed]:
-    """Per-task speeds from the "throughput" block (`avg_<task>/<key>`), plus the run's own overall numbers."""
+def throughput_speeds(throughput: dict[str, float], tasks: Iterable[str]) -> dict[str, TaskSpeed]:
+    """Per-task speeds from the (numeric) "throughput" block (`avg_<task>/<key>`), plus the run's overall numbers."""
     speeds: dict[str, TaskSpeed] = {}
     for prefix, name in [*((f"avg_{t}/", t) for t in tasks), ("avg_", ALL_TASKS)]:
-        values = [_number(throughput.get(prefix + key)) for key in SPEED_KEYS]
+        values = [throughput.get(prefix + key) for key in SPEED_KEYS]
         if all(v is not None for v in values):
             speeds[name] = TaskSpeed(*values)  # type: ignore[arg-type]
     return speeds
@@ -131,19 +115,13 @@ def load_run(path: str | Path) -> EvalRun:
     """Merge every results file under `path`: a task measured twice keeps its newest scores and speed."""
     run = EvalRun(Path(path))
     for file in find_results_files(path):
-        try:
-            data = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"results_dir: {file} is not a readable lmms-eval results JSON ({err})") from err
-        if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
-            raise ValueError(f"results_dir: {file} has no 'results' object; is it lmms-eval's <date>_results.json?")
-        scores = task_scores(data["results"])
-        config = data.get("config") or {}
+        parsed = parse_lmms_eval_results(file, argument="results_dir")
+        scores = task_scores(parsed)
         run.files.append(file)
-        run.model = str(config.get("model", run.model))
-        run.model_args = str(config.get("model_args", run.model_args))
+        run.model = parsed.model or run.model
+        run.model_args = parsed.model_args or run.model_args
         run.scores.update(scores)
-        speeds = throughput_speeds(data.get("throughput") or {}, scores)
+        speeds = throughput_speeds(parsed.throughput, scores)
         if len(scores) == 1 and ALL_TASKS in speeds:  # a one-task run: its overall numbers are that task's
             speeds.setdefault(next(iter(scores)), speeds[ALL_TASKS])
         speeds.pop(ALL_TASKS, None)

@@ -16,8 +16,11 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-TRAINABLE_PARTS = ("apt", "projector", "language_model", "vision_tower")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from ..configuration_apt import validate_vision_feature_layout
+from ..dtypes import DTYPES
+from ..modeling_apt_llava import MODEL_PARTS
+
+TRAINABLE_PARTS = MODEL_PARTS
 
 
 @dataclass
@@ -51,7 +54,7 @@ class ModelArguments:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": f"Dtype of the loaded weights, one of {DTYPES}. Trainable parameters are kept in "
+        metadata={"help": f"Dtype of the loaded weights, one of {tuple(DTYPES)}. Trainable parameters are kept in "
                           "float32 so tiny learning rates are not lost to bfloat16 rounding."},
     )
     attn_implementation: str | None = field(
@@ -216,11 +219,9 @@ def check_args(model_args: ModelArguments, apt_args: AptArguments, data_args: Da
     if model_args.merge_lora and model_args.lora_r == 0:
         raise ValueError("merge_lora: expected --lora_r > 0 (there is no adapter to merge), got lora_r 0")
     if model_args.dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {DTYPES}, got {model_args.dtype!r}")
-    if model_args.vision_feature_layout not in (None, "packed", "grid"):
-        raise ValueError(
-            f"vision_feature_layout: expected 'packed' or 'grid', got {model_args.vision_feature_layout!r}"
-        )
+        raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {model_args.dtype!r}")
+    if model_args.vision_feature_layout is not None:
+        validate_vision_feature_layout(model_args.vision_feature_layout)
     if data_args.sample_fraction is not None and not 0 < data_args.sample_fraction <= 1:
         raise ValueError(f"sample_fraction: expected a number in (0, 1], got {data_args.sample_fraction}")
     if data_args.max_samples is not None and data_args.max_samples < 1:

@@ -248,11 +248,8 @@ def _take_images(image_inputs: dict[str, Any], keep: list[int]) -> dict[str, Any
     """The packed image keys restricted to images `keep` (samples dropped for length lose their images)."""
     from ..patchify import PatchLayout, select_images
 
-    if "tokens_per_image" not in image_inputs:
+    layout = PatchLayout.from_inputs(image_inputs)
+    if layout is None:
         return {k: v[keep] for k, v in image_inputs.items()}
-    layout = PatchLayout(image_inputs["patch_scales"], image_inputs["patch_positions"],
-                         image_inputs["tokens_per_image"], image_inputs["image_grid_hw"])
     pixel_values, picked = select_images(image_inputs["pixel_values"], layout, torch.tensor(keep))
-    return {"pixel_values": pixel_values, "patch_scales": picked.patch_scales,
-            "patch_positions": picked.patch_positions, "tokens_per_image": picked.tokens_per_image,
-            "image_grid_hw": picked.image_grid_hw}
+    return {"pixel_values": pixel_values, **picked.as_dict()}

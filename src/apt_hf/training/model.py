@@ -174,20 +174,6 @@ def _check_match(model: Any, processor: Any) -> None:
 # ------------------------------------------------------------------------------------------- trainable parts
 
 
-def part_parameters(model: Any, part: str) -> list[torch.nn.Parameter]:
-    """Parameters of one `--trainable` part of an APT-LLaVA."""
-    inner = model.model
-    if part == "apt":
-        return list(model.apt_parameters())
-    if part == "projector":
-        return list(inner.multi_modal_projector.parameters())
-    if part == "language_model":
-        return [*inner.language_model.parameters(), *model.lm_head.parameters()]
-    if part == "vision_tower":
-        return list(inner.vision_tower.parameters())
-    raise ValueError(f"trainable: unknown part {part!r}")
-
-
 def _module_names(model: Any, params: list[torch.nn.Parameter]) -> list[str]:
     """Names of the modules that directly own `params` (what PEFT's modules_to_save expects)."""
     wanted = {id(p) for p in params}
@@ -218,7 +204,7 @@ def setup_trainable(model: Any, model_args: ModelArguments, upcast: bool) -> Any
     """
     parts = parse_trainable(model_args.trainable)
     model.requires_grad_(False)
-    trainable = [p for part in parts for p in part_parameters(model, part)]
+    trainable = [p for part in parts for p in model.parameters_of(part)]
     if model_args.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
