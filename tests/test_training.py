@@ -177,9 +177,9 @@ def test_apt_checkpoint_loads_with_overrides(apt_run: Path) -> None:
     from apt_hf.training.arguments import AptArguments, ModelArguments
     from apt_hf.training.model import load_model_and_processor
 
-    model, processor = load_model_and_processor(ModelArguments(model_name_or_path=str(apt_run)),
+    model, processor, converted = load_model_and_processor(ModelArguments(model_name_or_path=str(apt_run)),
                                                 AptArguments(num_scales=2, thresholds=[-1.0]))
-    assert type(model).__name__ == "AptLlavaForConditionalGeneration"
+    assert type(model).__name__ == "AptLlavaForConditionalGeneration" and not converted
     assert model.config.thresholds == [-1.0] and processor.image_processor.thresholds == [-1.0]
     assert processor.vision_feature_layout == model.config.vision_feature_layout == "packed"
     with pytest.raises(ValueError, match="thresholds"):
@@ -379,7 +379,7 @@ def test_bad_data_raises_before_training(work: dict[str, Path], tmp_path: Path) 
 
     LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
         not_llava)
-    with pytest.raises(ValueError, match="expected a LLaVA .* got model_type 'llama'"):
+    with pytest.raises(ValueError, match="expected an APT-LLaVA .* or LLaVA .* has model_type 'llama'"):
         main(with_(model_name_or_path=str(not_llava)))
     assert not (tmp_path / "never").exists()
 

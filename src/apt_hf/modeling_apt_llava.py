@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaModel, LlavaMultiModalProjector, LlavaPreTrainedModel
 
 from .configuration_apt import APT_SETTINGS, AptLlavaConfig, declared_settings
-from .modeling_apt import AptCLIPVisionModel, adopt_stock_weights, drop_cls_tokens, expand_to_grid
+from .modeling_apt import AptCLIPVisionModel, _processor_stats, adopt_stock_weights, drop_cls_tokens, expand_to_grid
 from .patchify import PatchLayout
 
 # The parts `parameters_of` knows, e.g. for freezing policies (`finetune_llava.py --trainable`).
@@ -220,6 +220,7 @@ class AptLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 raise ValueError(f"from_llava: loading options {sorted(kwargs)} only apply to a path or hub id")
             stock = model_or_path
         else:
+            apt = {**_processor_stats(model_or_path, kwargs), **apt}  # the checkpoint's pixel statistics
             stock = LlavaForConditionalGeneration.from_pretrained(model_or_path, **kwargs)
         if not isinstance(stock, LlavaForConditionalGeneration) or isinstance(stock, cls):
             raise ValueError(f"model_or_path: expected a stock LlavaForConditionalGeneration, got "

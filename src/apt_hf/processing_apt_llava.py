@@ -75,6 +75,16 @@ class AptLlavaProcessor(LlavaProcessor):
             vision_feature_layout=vision_feature_layout,
         )
 
+    def replace_apt_fields(self, vision_feature_layout: str | None = None, **fields: Any) -> AptLlavaProcessor:
+        """Set the image processor's APT fields and/or the layout in place, validated; returns the processor."""
+        if vision_feature_layout is not None:
+            validate_vision_feature_layout(vision_feature_layout)
+        if fields:
+            self.image_processor.replace_apt_fields(**fields)
+        if vision_feature_layout is not None:
+            self.vision_feature_layout = vision_feature_layout
+        return self
+
     def image_token_counts(self, image_inputs: dict) -> list[int]:
         """How many `<image>` tokens each processed image takes in the text."""
         if self.vision_feature_layout == "packed":

@@ -39,16 +39,12 @@ from lmms_eval.protocol import ChatMessages
 from loguru import logger as eval_logger
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ..configuration_apt import validate_vision_feature_layout
-from ..image_processing_apt import AptImageProcessor
-from ..modeling_apt_llava import AptLlavaForConditionalGeneration
-from ..processing_apt_llava import AptLlavaProcessor
+from ..loading import STOCK_MODEL_TYPE, checkpoint_model_type, load_apt_llava
 from ..tiny import LLAVA_15_CHAT_TEMPLATE
 
-APT_MODEL_TYPE = "apt_llava"
-STOCK_MODEL_TYPE = "llava"
 IMAGE_TOKEN = "<image>"
 IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Generation settings a task may set besides the ones handled explicitly; anything else is a task-specific
@@ -244,16 +240,18 @@ class AptLlava(lmms):
         self._rank = accelerator.process_index
         self._world_size = accelerator.num_processes
 
-        self.kind = self._checkpoint_kind(pretrained, revision, trust_remote_code)
-        if self.kind == APT_MODEL_TYPE:
-            model, processor = self._load_apt(pretrained, load_kwargs, trust_remote_code, apt_overrides,
-                                              vision_feature_layout)
-        elif apt_overrides or vision_feature_layout is not None:
-            model, processor = self._convert_stock(pretrained, load_kwargs, apt_overrides, vision_feature_layout)
-            self.kind = "llava->apt_llava"
-        else:
-            model = AutoModelForImageTextToText.from_pretrained(pretrained, **load_kwargs)
+        load_kwargs.pop("revision")
+        self.kind = checkpoint_model_type(pretrained, revision=revision, trust_remote_code=trust_remote_code,
+                                          argument="pretrained")
+        if self.kind == STOCK_MODEL_TYPE and not apt_overrides and vision_feature_layout is None:
+            model = AutoModelForImageTextToText.from_pretrained(pretrained, revision=revision, **load_kwargs)
             processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
+        else:
+            model, processor, converted = load_apt_llava(
+                pretrained, apt_fields=apt_overrides, vision_feature_layout=vision_feature_layout, revision=revision,
+                trust_remote_code=trust_remote_code, **load_kwargs)
+            if converted:
+                self.kind = "llava->apt_llava"
         self._model = model.eval().to(self._device)
         self._processor = processor
         self._tokenizer = processor.tokenizer
@@ -277,57 +275,6 @@ class AptLlava(lmms):
         if entropy_bins is not None:
             fields["entropy_bins"] = _positive_int(entropy_bins, "entropy_bins")
         return fields
-
-    @staticmethod
-    def _checkpoint_kind(pretrained: str, revision: str, trust_remote_code: bool) -> str:
-        """"apt_llava" or "llava" from the checkpoint's config; anything else is refused here, not mid-run."""
-        try:
-            config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"pretrained: expected an APT-LLaVA or LLaVA checkpoint (folder or hub id), could not "
-                             f"read a config from {pretrained!r}: {err}") from err
-        model_type = getattr(config, "model_type", None)
-        if model_type not in (APT_MODEL_TYPE, STOCK_MODEL_TYPE):
-            raise ValueError(f"pretrained: expected an APT-LLaVA (model_type {APT_MODEL_TYPE!r}) or LLaVA "
-                             f"(model_type {STOCK_MODEL_TYPE!r}) checkpoint, {pretrained!r} has model_type "
-                             f"{model_type!r}")
-        return model_type
-
-    @staticmethod
-    def _load_apt(pretrained: str, load_kwargs: dict[str, Any], trust_remote_code: bool,
-                  overrides: dict[str, Any], layout: str | None) -> tuple[Any, Any]:
-        """An APT-LLaVA checkpoint (its own code with trust_remote_code), with APT fields / layout overridden."""
-        model = AutoModelForImageTextToText.from_pretrained(pretrained, trust_remote_code=trust_remote_code,
-                                                            **load_kwargs)
-        processor = AutoProcessor.from_pretrained(pretrained, revision=load_kwargs["revision"],
-                                                  trust_remote_code=trust_remote_code)
-        if overrides:
-            if "num_scales" in overrides and "thresholds" not in overrides:
-                raise ValueError("thresholds: give the thresholds too when overriding num_scales of an APT "
-                                 "checkpoint (num_scales - 1 values, e.g. thresholds=5.5;4.0)")
-            model.config.replace_apt_fields(**overrides)  # validated; the processor takes the resolved fields
-            for name, value in model.config.apt_fields.items():
-                setattr(processor.image_processor, name, value)
-        if layout is not None:
-            model.config.vision_feature_layout = layout
-            processor.vision_feature_layout = layout
-        return model, processor
-
-    @staticmethod
-    def _convert_stock(pretrained: str, load_kwargs: dict[str, Any], overrides: dict[str, Any],
-                       layout: str | None) -> tuple[Any, Any]:
-        """A stock LLaVA turned into APT-LLaVA; the processor takes the model's resolved APT fields."""
-        model = AptLlavaForConditionalGeneration.from_llava(pretrained, vision_feature_layout=layout or "packed",
-                                                            **overrides, **load_kwargs)
-        stock = AutoProcessor.from_pretrained(pretrained, revision=load_kwargs["revision"])
-        fields = dict(model.config.vision_config.apt_fields)
-        processor = AptLlavaProcessor.from_llava_processor(stock, vision_feature_layout=model.config.
-                                                           vision_feature_layout, **fields)
-        if _is_torchvision_backend(stock.image_processor) and AptImageProcessor is not type(processor.image_processor):
-            # Same resize/crop backend as the stock processor, so an unmerged APT model sees the same pixels.
-            processor.image_processor = AptImageProcessor.from_image_processor(
-                stock.image_processor, patch_size=processor.patch_size, **fields)
-        return model, processor
 
     def _chat_template(self, override: str | None) -> str:
         """The template to render prompts with: --model_args chat_template (text or file), else the checkpoint's."""
@@ -604,14 +551,6 @@ def _cut_at(text: str, until: list[str]) -> str:
     for stop in until:
         text = text.split(stop)[0]
     return text
-
-
-def _is_torchvision_backend(image_processor: Any) -> bool:
-    try:
-        from transformers.image_processing_backends import TorchvisionBackend
-    except ImportError:  # older transformers: no separate backends
-        return False
-    return isinstance(image_processor, TorchvisionBackend)
 
 
 __all__ = ["AptLlava", "AptLlavaSimple", "parse_thresholds", "parse_dtype"]

@@ -16,29 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
-from ..configuration_apt import validate_vision_feature_layout
+from ..loading import STOCK_MODEL_TYPE, load_apt_llava
+from ..modeling_apt_llava import AptLlavaForConditionalGeneration
 from .arguments import AptArguments, ModelArguments, parse_trainable
 
 logger = logging.getLogger(__name__)
 
-APT_MODEL_TYPE = "apt_llava"
-STOCK_MODEL_TYPE = "llava"
 TRAINING_INFO_FILE = "apt_training.json"
-
-
-def apt_llava_class() -> type:
-    """The APT-LLaVA model class; the one place that names it."""
-    from ..modeling_apt_llava import AptLlavaForConditionalGeneration
-
-    return AptLlavaForConditionalGeneration
-
-
-def apt_processor_class() -> type:
-    from ..processing_apt_llava import AptLlavaProcessor
-
-    return AptLlavaProcessor
 
 
 def resolve_dtype(name: str, bf16: bool = False, fp16: bool = False, sharding: str | None = None) -> torch.dtype:
@@ -81,18 +66,6 @@ def resolve_attn_implementation(name: str | None) -> str | dict[str, str] | None
     return None
 
 
-def checkpoint_model_type(model_name_or_path: str, trust_remote_code: bool = True) -> str:
-    """model_type of a checkpoint, refusing anything that is not LLaVA or APT-LLaVA."""
-    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in (STOCK_MODEL_TYPE, APT_MODEL_TYPE):
-        raise ValueError(
-            f"model_name_or_path: expected a LLaVA (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf) or APT-LLaVA "
-            f"('apt_llava') checkpoint, got model_type {model_type!r} from {model_name_or_path!r}"
-        )
-    return model_type
-
-
 @contextlib.contextmanager
 def _zero3_init_disabled() -> Iterator[None]:
     """Load unpartitioned: the on-the-fly conversion reads full weights (DeepSpeed partitions them afterwards)."""
@@ -114,61 +87,16 @@ def _zero3_init_disabled() -> Iterator[None]:
 
 def load_model_and_processor(
     model_args: ModelArguments, apt_args: AptArguments, dtype: torch.dtype = torch.float32
-) -> tuple[Any, Any]:
-    """The APT-LLaVA model and its AptLlavaProcessor for `model_name_or_path` (stock or APT)."""
-    path = model_args.model_name_or_path
-    model_type = checkpoint_model_type(path, model_args.trust_remote_code)
-    apt_fields = apt_args.given()
+) -> tuple[Any, Any, bool]:
+    """The APT-LLaVA model, its AptLlavaProcessor, and whether a stock LLaVA was converted on the fly."""
     load_kwargs: dict[str, Any] = {"dtype": dtype}
     attn = resolve_attn_implementation(model_args.attn_implementation)
     if attn is not None:
         load_kwargs["attn_implementation"] = attn
-    model_cls, processor_cls = apt_llava_class(), apt_processor_class()
-    if model_type == STOCK_MODEL_TYPE:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        layout = model_args.vision_feature_layout or "packed"
-        with _zero3_init_disabled():
-            stock = LlavaForConditionalGeneration.from_pretrained(path, **load_kwargs)
-            model = model_cls.from_llava(stock, vision_feature_layout=layout, **apt_fields)
-        del stock
-        stock_processor = AutoProcessor.from_pretrained(path)
-        processor = processor_cls.from_llava_processor(stock_processor, vision_feature_layout=layout, **apt_fields)
-    else:
-        from transformers import AutoProcessor
-
-        overrides = dict(apt_fields)
-        if model_args.vision_feature_layout is not None:
-            overrides["vision_feature_layout"] = model_args.vision_feature_layout
-        model = model_cls.from_pretrained(path, **load_kwargs)
-        _override_apt_config(model, overrides)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-        if overrides:
-            layout = overrides.pop("vision_feature_layout", processor.vision_feature_layout)
-            processor = processor_cls.from_llava_processor(processor, vision_feature_layout=layout, **overrides)
-    _check_match(model, processor)
-    return model, processor
-
-
-def _override_apt_config(model: Any, overrides: dict[str, Any]) -> None:
-    """Apply command-line APT fields to a loaded APT-LLaVA, so the saved config matches the saved processor.
-
-    The APT fields live on the vision config (the LLaVA config only mirrors them); the processor applies them
-    to the images, the model reads them for dense `pixel_values` input.
-    """
-    overrides = dict(overrides)
-    if "vision_feature_layout" in overrides:
-        model.config.vision_feature_layout = validate_vision_feature_layout(overrides.pop("vision_feature_layout"))
-    if overrides:
-        model.config.replace_apt_fields(**overrides)
-
-
-def _check_match(model: Any, processor: Any) -> None:
-    """The processor's token counts must be what the model expects, or every batch fails at the first step."""
-    layout = getattr(model.config, "vision_feature_layout", None)
-    if layout is not None and layout != processor.vision_feature_layout:
-        raise ValueError(f"vision_feature_layout: the model uses {layout!r} but the processor "
-                         f"{processor.vision_feature_layout!r}")
+    return load_apt_llava(model_args.model_name_or_path, apt_fields=apt_args.given(),
+                          vision_feature_layout=model_args.vision_feature_layout,
+                          trust_remote_code=model_args.trust_remote_code, conversion_context=_zero3_init_disabled,
+                          **load_kwargs)
 
 
 # ------------------------------------------------------------------------------------------- trainable parts
@@ -249,11 +177,10 @@ def load_lora_model(adapter_dir: str | Path, **load_kwargs: Any) -> Any:
     from peft import PeftModel
 
     info = json.loads(Path(adapter_dir, TRAINING_INFO_FILE).read_text())
-    model_cls = apt_llava_class()
     base = info["base_model_name_or_path"]
     if info["base_model_type"] == STOCK_MODEL_TYPE:
-        model = model_cls.from_llava(base, vision_feature_layout=info["vision_feature_layout"] or "packed",
-                                     **info["apt_fields"])
+        layout = info["vision_feature_layout"] or "packed"
+        model = AptLlavaForConditionalGeneration.from_llava(base, vision_feature_layout=layout, **info["apt_fields"])
     else:
-        model = model_cls.from_pretrained(base, **load_kwargs)
+        model = AptLlavaForConditionalGeneration.from_pretrained(base, **load_kwargs)
     return PeftModel.from_pretrained(model, str(adapter_dir))

@@ -16,12 +16,12 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..loading import checkpoint_model_type
 from .arguments import AptArguments, DataArguments, ModelArguments, parse_args
 from .collator import COUNT_KEYS, AptLlavaDataCollator
 from .data import load_training_dataset, make_tiny_dataset
 from .model import (
     TRAINING_INFO_FILE,
-    checkpoint_model_type,
     load_model_and_processor,
     resolve_dtype,
     save_training_info,
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         prepare_tiny_demo(model_args, data_args, training_args)
 
     # Cheap checks first: the checkpoint's type (one config file), then the data, then the weights.
-    model_type = checkpoint_model_type(model_args.model_name_or_path, model_args.trust_remote_code)
+    model_type = checkpoint_model_type(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     dataset = load_training_dataset(
         data_args.data_path, data_args.image_folder, split=data_args.dataset_split, config=data_args.dataset_config,
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     set_seed(training_args.seed)  # APT's new conv is randomly initialised at conversion: make it reproducible
     sharding = sharding_backend(training_args)
     dtype = resolve_dtype(model_args.dtype, training_args.bf16, training_args.fp16, sharding)
-    model, processor = load_model_and_processor(model_args, apt_args, dtype)
+    model, processor, _converted = load_model_and_processor(model_args, apt_args, dtype)
     # Under autocast, keep what trains in float32; DeepSpeed and FSDP keep their own float32 master weights.
     model = setup_trainable(model, model_args,
                             upcast=(training_args.bf16 or training_args.fp16) and sharding is None)

@@ -1,0 +1,114 @@
+"""One validated way to get an APT-LLaVA and its processor from a LLaVA-1.5 or APT-LLaVA checkpoint.
+
+Training (`finetune_llava.py`), evaluation (the lmms-eval plugin) and the benchmarks call `load_apt_llava`. A stock
+checkpoint is converted with the given APT fields (LLaVA-1.5's defaults for the rest); an APT checkpoint keeps its
+own settings unless fields are given, which then go through the config's and the processor's validated
+`replace_apt_fields`. Either way the model and processor are checked to agree before anything runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+from .configuration_apt import APT_SETTINGS, validate_vision_feature_layout
+from .modeling_apt_llava import AptLlavaForConditionalGeneration
+from .processing_apt_llava import AptLlavaProcessor
+
+APT_MODEL_TYPE = "apt_llava"
+STOCK_MODEL_TYPE = "llava"
+
+
+def checkpoint_model_type(path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                          argument: str = "model_name_or_path") -> str:
+    """"llava" or "apt_llava" from the checkpoint's config; anything else is refused before loading weights."""
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{argument}: expected an APT-LLaVA or LLaVA-1.5 checkpoint (folder or hub id), could not "
+                         f"read a config from {path!r}: {err}") from err
+    model_type = getattr(config, "model_type", None)
+    if model_type not in (STOCK_MODEL_TYPE, APT_MODEL_TYPE):
+        raise ValueError(f"{argument}: expected an APT-LLaVA (model_type 'apt_llava') or LLaVA (model_type 'llava', "
+                         f"e.g. llava-hf/llava-1.5-7b-hf) checkpoint, {path!r} has model_type {model_type!r}")
+    return model_type
+
+
+def load_apt_llava(
+    path: str,
+    *,
+    apt_fields: dict[str, Any] | None = None,
+    vision_feature_layout: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    backend: str | None = None,
+    conversion_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    **load_kwargs: Any,
+) -> tuple[AptLlavaForConditionalGeneration, AptLlavaProcessor, bool]:
+    """(model, processor, converted): the APT-LLaVA of `path` with `apt_fields` / layout applied and checked.
+
+    apt_fields: any of num_scales, thresholds, scorer, entropy_bins, image_mean, image_std. load_kwargs go to
+    `from_pretrained` (dtype, attn_implementation, device_map, ...). `converted` says a stock LLaVA was converted
+    here; `conversion_context` wraps that load (training disables DeepSpeed ZeRO-3 init there).
+    """
+    fields = dict(apt_fields or {})
+    unknown = sorted(set(fields) - set(APT_SETTINGS))
+    if unknown:
+        raise ValueError(f"apt_fields: {unknown[0]!r} is not an APT setting; expected some of {list(APT_SETTINGS)}")
+    if vision_feature_layout is not None:
+        validate_vision_feature_layout(vision_feature_layout)
+    kind = checkpoint_model_type(path, revision=revision, trust_remote_code=trust_remote_code)
+    if kind == STOCK_MODEL_TYPE:
+        stock_processor = AutoProcessor.from_pretrained(path, revision=revision)
+        image_processor = stock_processor.image_processor
+        for stat in ("image_mean", "image_std"):  # the dense path un-normalises with the processor's statistics
+            fields.setdefault(stat, list(getattr(image_processor, stat)))
+        with conversion_context():
+            stock = LlavaForConditionalGeneration.from_pretrained(path, revision=revision, **load_kwargs)
+            model = AptLlavaForConditionalGeneration.from_llava(
+                stock, vision_feature_layout=vision_feature_layout or "packed", **fields)
+        del stock
+        processor = AptLlavaProcessor.from_llava_processor(
+            stock_processor, vision_feature_layout=model.config.vision_feature_layout, backend=backend,
+            **model.config.apt_fields)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path, revision=revision,
+                                                            trust_remote_code=trust_remote_code, **load_kwargs)
+        processor_kwargs = {} if backend is None else {"backend": backend}
+        processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
+                                                  **processor_kwargs)
+        if fields:
+            model.config.replace_apt_fields(**fields)
+        if vision_feature_layout is not None:
+            model.config.vision_feature_layout = vision_feature_layout
+        if fields or vision_feature_layout is not None:
+            processor.replace_apt_fields(vision_feature_layout=model.config.vision_feature_layout,
+                                         **model.config.apt_fields)
+    check_model_and_processor(model, processor)
+    return model, processor, kind == STOCK_MODEL_TYPE
+
+
+def check_model_and_processor(model: Any, processor: Any) -> None:
+    """Refuse a processor that would feed the model other token counts or another layout than it expects."""
+    config = model.config
+    vision = config.vision_config
+    image_processor = processor.image_processor
+    pairs = [("vision_feature_layout", config.vision_feature_layout, processor.vision_feature_layout),
+             ("patch_size", vision.patch_size, image_processor.patch_size),
+             *((name, getattr(vision, name), getattr(image_processor, name)) for name in
+               ("num_scales", "thresholds", "scorer", "entropy_bins"))]
+    for name in ("image_mean", "image_std"):
+        pairs.append((name, [round(float(v), 6) for v in getattr(vision, name)],
+                      [round(float(v), 6) for v in getattr(image_processor, name)]))
+    for name, model_value, processor_value in pairs:
+        if model_value != processor_value:
+            raise ValueError(f"{name}: the model uses {model_value!r} but the processor {processor_value!r}; save "
+                             "both with the same settings (AptLlavaProcessor.from_llava_processor(..., **model."
+                             "config.apt_fields)) or pass the setting to both")
+
+
+__all__ = ["APT_MODEL_TYPE", "STOCK_MODEL_TYPE", "check_model_and_processor", "checkpoint_model_type",
+           "load_apt_llava"]
