@@ -22,8 +22,9 @@ from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_S
 from .patchify import (
     APT_FIELDS,
     LLAVA_15_THRESHOLDS,
-    SCORERS,
     default_thresholds,
+    replace_apt_settings,
+    thresholds_or_default,
     validate_apt_fields,
 )
 
@@ -65,10 +66,9 @@ class AptConfigMixin:
         super().__post_init__(**kwargs)
 
     def _validate_apt_settings(self) -> None:
-        if self.thresholds is None and _is_count(self.num_scales) and self.scorer in SCORERS:
-            self.thresholds = default_thresholds(self.num_scales, self.scorer)
+        thresholds = thresholds_or_default(self.thresholds, self.num_scales, self.scorer)
         patch = _square_patch_size(self.patch_size)
-        self.thresholds = validate_apt_fields(self.num_scales, self.thresholds, self.scorer, self.entropy_bins, patch)
+        self.thresholds = validate_apt_fields(self.num_scales, thresholds, self.scorer, self.entropy_bins, patch)
         channels = getattr(self, "num_channels", 3)
         self.image_mean = _channel_stats(self.image_mean, self._default_image_mean, "image_mean", channels, False)
         self.image_std = _channel_stats(self.image_std, self._default_image_std, "image_std", channels, True)
@@ -81,33 +81,16 @@ class AptConfigMixin:
     def replace_apt_fields(self, **settings: Any) -> AptConfigMixin:
         """Set APT fields (and image_mean / image_std) in place, validated together; returns the config.
 
-        Fields not given keep their values, except that changing `num_scales` or `scorer` without `thresholds`
-        takes that setting's default thresholds (the old ones belong to another scale).
+        Fields not given keep their values; changing `num_scales` or `scorer` without `thresholds` takes that
+        setting's defaults. On error nothing changes.
         """
-        unknown = sorted(set(settings) - set(APT_SETTINGS))
-        if unknown:
-            raise ValueError(f"{unknown[0]}: not an APT setting; expected one of {list(APT_SETTINGS)}")
-        old = {name: getattr(self, name) for name in APT_SETTINGS}
-        if "thresholds" not in settings and ({"num_scales", "scorer"} & set(settings)):
-            settings["thresholds"] = None
-        for name, value in settings.items():
-            setattr(self, name, value)
-        try:
-            self._validate_apt_settings()
-        except ValueError:
-            for name, value in old.items():
-                setattr(self, name, value)
-            raise
+        replace_apt_settings(self, APT_SETTINGS, settings, self._validate_apt_settings, "a config")
         return self
 
     @classmethod
     def from_stock_config(cls, config: PreTrainedConfig | dict[str, Any], **apt_fields: Any) -> AptConfigMixin:
         """The APT config of a stock config (`CLIPVisionConfig`, `ViTConfig`, ...) with the given APT fields."""
         return cls(**{**declared_settings(config, cls), **apt_fields})
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _square_patch_size(patch_size: Any) -> int:

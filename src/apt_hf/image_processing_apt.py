@@ -18,13 +18,13 @@ from transformers.utils import is_torchvision_available, logging
 
 from .patchify import (
     APT_FIELDS,
-    SCORERS,
     PatchLayout,
     compute_layout,
     concat_layouts,
-    default_thresholds,
     pack_base_patches,
     recover_uint8,
+    replace_apt_settings,
+    thresholds_or_default,
     validate_apt_fields,
     validate_image_size,
 )
@@ -63,12 +63,9 @@ class AptImageProcessingMixin:
         self._validate_apt_fields()
 
     def _validate_apt_fields(self) -> None:
-        if self.thresholds is None and self.scorer in SCORERS and isinstance(self.num_scales, int) \
-                and not isinstance(self.num_scales, bool) and self.num_scales >= 1:
-            self.thresholds = default_thresholds(self.num_scales, self.scorer, llava=True)
-        self.thresholds = validate_apt_fields(
-            self.num_scales, self.thresholds, self.scorer, self.entropy_bins, self.patch_size
-        )
+        thresholds = thresholds_or_default(self.thresholds, self.num_scales, self.scorer, llava=True)
+        self.thresholds = validate_apt_fields(self.num_scales, thresholds, self.scorer, self.entropy_bins,
+                                              self.patch_size)
 
     def replace_apt_fields(self, **fields: Any) -> AptImageProcessingMixin:
         """Set APT fields (num_scales, thresholds, scorer, entropy_bins, patch_size) in place, validated together.
@@ -76,21 +73,8 @@ class AptImageProcessingMixin:
         As for configs, changing num_scales or scorer without thresholds takes that setting's default thresholds.
         On error nothing changes. Returns the processor.
         """
-        names = (*APT_FIELDS, "patch_size")
-        unknown = sorted(set(fields) - set(names))
-        if unknown:
-            raise ValueError(f"{unknown[0]}: not an APT field of the image processor; expected one of {list(names)}")
-        old = {name: getattr(self, name) for name in names}
-        if "thresholds" not in fields and ({"num_scales", "scorer"} & set(fields)):
-            fields["thresholds"] = None
-        for name, value in fields.items():
-            setattr(self, name, value)
-        try:
-            self._validate_apt_fields()
-        except ValueError:
-            for name, value in old.items():
-                setattr(self, name, value)
-            raise
+        replace_apt_settings(self, (*APT_FIELDS, "patch_size"), fields, self._validate_apt_fields,
+                             "the image processor")
         return self
 
     @classmethod

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, partial
 from typing import Any, ClassVar
@@ -132,6 +132,37 @@ def validate_apt_fields(
             raise ValueError(f"thresholds: expected finite numbers, got {thresholds!r}")
         out.append(float(t))
     return out
+
+
+def thresholds_or_default(thresholds: Any, num_scales: Any, scorer: Any, llava: bool = False) -> Any:
+    """`thresholds`, or the table's default when absent (and num_scales / scorer are valid, else left to validation)."""
+    if thresholds is None and _is_int(num_scales) and num_scales >= 1 and scorer in SCORERS:
+        return default_thresholds(num_scales, scorer, llava=llava)
+    return thresholds
+
+
+def replace_apt_settings(target: Any, allowed: Sequence[str], settings: dict[str, Any],
+                         validate: Callable[[], None], what: str) -> None:
+    """Set `settings` on `target`, then `validate()` them together; an unknown name or an error changes nothing.
+
+    Changing num_scales or scorer without thresholds takes that setting's default thresholds: the old ones belong
+    to another scale.
+    """
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not an APT setting of {what}; expected one of {list(allowed)}")
+    settings = dict(settings)
+    if "thresholds" not in settings and ({"num_scales", "scorer"} & set(settings)):
+        settings["thresholds"] = None
+    old = {name: getattr(target, name) for name in allowed}
+    for name, value in settings.items():
+        setattr(target, name, value)
+    try:
+        validate()
+    except ValueError:
+        for name, value in old.items():
+            setattr(target, name, value)
+        raise
 
 
 def _is_int(value: object) -> bool:
