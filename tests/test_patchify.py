@@ -1,7 +1,8 @@
 """apt_hf.patchify against a brute-force reference written here from DESIGN §1 with plain Python loops.
 
-The reference scores in exact integer / rational arithmetic where DESIGN fixes the numbers (gray level,
-histogram bin, Laplacian) and follows PyTorch's documented bilinear rule for upsample_mse; it enumerates
+The reference bins entropy histograms as the official APT pipeline does (float32 gray of `to_tensor(img) * 255`,
+`torch.histc(bins, min=0, max=255)` per patch), scores the Laplacian in exact integer / rational arithmetic and
+follows PyTorch's documented bilinear rule for upsample_mse; it enumerates
 tokens by scanning base cells in raster order, which is a different formulation from the vectorised
 code under test. Scores that fall within 1e-9 of a threshold are ties whose outcome depends on the last
 float bit; property tests skip those examples and fixed tests assert they have none.
@@ -13,17 +14,18 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from PIL import Image as Image_
 from transformers import CLIPImageProcessorPil
 
 from apt_hf.patchify import (
     SCORERS,
     PatchLayout,
-    _gray_levels,
     compute_layout,
     concat_layouts,
     entropy_scores,
@@ -36,6 +38,7 @@ from apt_hf.patchify import (
     upsample_mse_scores,
     validate_layout,
 )
+from apt_hf.sample_images import load_photos
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -56,9 +59,10 @@ def ref_gray_1e4(img: Image, r: int, c: int) -> int:
     return 2989 * img[0][r][c] + 5870 * img[1][r][c] + 1140 * img[2][r][c]
 
 
-def ref_bin(gray: Fraction, bins: int) -> int:
-    """floor(gray * bins / 256) clipped to [0, bins - 1], exactly."""
-    return min(max(math.floor(gray * bins / 256), 0), bins - 1)
+def official_gray(img: Image) -> torch.Tensor:
+    """(H, W) float32 gray as the official pipeline computes it: to_tensor(img) * 255, then the luma weights."""
+    x = torch.tensor(img, dtype=torch.uint8).float() / 255 * 255
+    return 0.2989 * x[0] + 0.5870 * x[1] + 0.1140 * x[2]
 
 
 def patch_means(values: list[list], p: int, s: int, denominator: int = 1) -> dict[tuple[int, int], float]:
@@ -75,26 +79,30 @@ def patch_means(values: list[list], p: int, s: int, denominator: int = 1) -> dic
 
 
 def ref_entropy_scores(img: Image, p: int, scales: Sequence[int], bins: int) -> dict[int, dict]:
-    """H = -sum q log2 q of the gray histogram of every full aligned patch (histogram counted per patch)."""
+    """H = -sum q log2 q of `torch.histc` of every full aligned patch's gray values (one histc call per patch)."""
     h, w = len(img[0]), len(img[0][0])
-    levels = [[ref_bin(Fraction(ref_gray_1e4(img, r, c), 10_000), bins) for c in range(w)] for r in range(h)]
+    gray = official_gray(img)
     out = {}
     for s in scales:
         side = p * 2**s
         out[s] = {}
         for i in range(h // side):
             for j in range(w // side):
-                counts: dict[int, int] = {}
-                for r in range(i * side, (i + 1) * side):
-                    for c in range(j * side, (j + 1) * side):
-                        counts[levels[r][c]] = counts.get(levels[r][c], 0) + 1
+                counts = torch.histc(gray[i * side:(i + 1) * side, j * side:(j + 1) * side], bins=bins, min=0, max=255)
                 n = side * side
-                out[s][i, j] = -sum(k / n * math.log2(k / n) for k in counts.values())
+                out[s][i, j] = -sum(k / n * math.log2(k / n) for k in counts.tolist() if k)
     return out
 
 
+def reflect(i: int, n: int) -> int:
+    """Index i reflected into [0, n) without repeating the edge (torch's "reflect"; "replicate" when n == 1)."""
+    if n == 1:
+        return 0
+    return -i if i < 0 else 2 * (n - 1) - i if i >= n else i
+
+
 def ref_laplacian_scores(img: Image, p: int, scales: Sequence[int]) -> dict[int, dict]:
-    """Mean |3x3 8-neighbour Laplacian (all ones, -8 centre)| of gray/255, edges replicated, in exact integers."""
+    """Mean |3x3 8-neighbour Laplacian (all ones, -8 centre)| of gray/255, edges reflected, in exact integers."""
     h, w = len(img[0]), len(img[0][0])
     gray = [[ref_gray_1e4(img, r, c) for c in range(w)] for r in range(h)]  # units of 1 / (255 * 10_000)
     lap = [[0] * w for _ in range(h)]
@@ -104,7 +112,7 @@ def ref_laplacian_scores(img: Image, p: int, scales: Sequence[int]) -> dict[int,
             for dr in (-1, 0, 1):
                 for dc in (-1, 0, 1):
                     if dr or dc:
-                        total += gray[min(max(r + dr, 0), h - 1)][min(max(c + dc, 0), w - 1)]
+                        total += gray[reflect(r + dr, h)][reflect(c + dc, w)]
             lap[r][c] = abs(total - 8 * gray[r][c])
     return {s: patch_means(lap, p, s, 255 * 10_000) for s in scales}
 
@@ -296,20 +304,22 @@ THRESHOLDS = {
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_reference_gray_levels_exact_at_bin_edges() -> None:
-    """The bin is floor(gray * bins / 256) in exact arithmetic, also where float rounding would differ."""
-    colours = [(v, v, v) for v in range(256)] + [(0, 0, 250), (250, 0, 0), (0, 250, 0), (255, 255, 255), (0, 0, 0)]
-    colours += [(r, g, b) for r in range(0, 256, 17) for g in range(0, 256, 15) for b in range(0, 256, 5)]
-    img = torch.tensor(colours, dtype=torch.uint8).T.reshape(1, 3, 1, -1)
-    as_list = img[0].tolist()
-    float_disagrees = 0
-    for bins in (2, 3, 7, 256, 500, 512, 1000, 4096):
-        got = _gray_levels(img, bins)[0, 0].tolist()
-        want = [ref_bin(Fraction(ref_gray_1e4(as_list, 0, i), 10_000), bins) for i in range(len(colours))]
-        assert got == want, f"bins={bins}"
-        naive = [min(math.floor((0.2989 * r + 0.5870 * g + 0.1140 * b) * bins / 256), bins - 1) for r, g, b in colours]
-        float_disagrees += sum(a != b for a, b in zip(naive, want, strict=True))
-    assert float_disagrees > 0, "the colour set should contain bin edges where naive float math is wrong"
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_bins_equal_torch_histc_for_every_8bit_colour(device: str) -> None:
+    """All 2**24 RGB colours in one 4096 x 4096 image: per-patch entropies equal those of torch.histc histograms."""
+    v = torch.arange(256, dtype=torch.uint8)
+    rgb = torch.stack(torch.meshgrid(v, v, v, indexing="ij")).reshape(1, 3, 4096, 4096)
+    p = 64
+    got = entropy_scores(rgb.to(device), p, [0], 512)[0][0].cpu()
+    x = rgb[0].float() / 255 * 255
+    gray = 0.2989 * x[0] + 0.5870 * x[1] + 0.1140 * x[2]
+    patches = gray.unfold(0, p, p).unfold(1, p, p).reshape(-1, p * p)
+    counts = torch.stack([torch.histc(patch, bins=512, min=0, max=255) for patch in patches]).double()
+    q = counts / (p * p)
+    want = -torch.special.xlogy(q, q).sum(-1) / math.log(2)
+    assert torch.equal(got.flatten(), want)
+    # the official binning (/255) differs from floor(gray * bins / 256): this test tells them apart
+    assert not torch.equal(torch.floor(gray * 512 / 256).clamp(max=511), torch.floor(gray * 512 / 255).clamp(max=511))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -359,6 +369,22 @@ def test_layout_matches_reference_random(num_scales: int, device: str) -> None:
             want, margin = ref_batch_layout(batch, p, num_scales, thresholds)
             assert margin > TIE
             assert_layout_equal(compute_layout(batch.to(device), p, num_scales, thresholds), want)
+
+
+@pytest.mark.parametrize(("side", "p", "num_scales", "thresholds"), [
+    (336, 14, 2, [5.75]),  # LLaVA-1.5
+    (224, 16, 2, [5.5]),  # ViT-B/16-224
+    (384, 16, 3, [5.5, 4.0]),  # the paper's 3-scale setting
+])
+def test_layouts_on_photographs_equal_the_official_pipeline(side: int, p: int, num_scales: int,
+                                                            thresholds: list[float]) -> None:
+    """The ten bundled photos, resized as the model sees them: layouts equal histc-per-patch selection."""
+    photos = [photo.resize((side, side), Image_.BICUBIC) for photo in load_photos().values()]
+    images = torch.stack([torch.from_numpy(np.asarray(photo)).permute(2, 0, 1) for photo in photos])
+    got = compute_layout(images, p, num_scales, thresholds)
+    want, _ = ref_batch_layout(images, p, num_scales, thresholds)
+    assert_layout_equal(got, want)
+    assert int(got.tokens_per_image.sum()) < len(photos) * (side // p) ** 2  # something merged
 
 
 def test_entropy_bins_change_the_layout_as_the_reference_says() -> None:
@@ -507,10 +533,9 @@ def test_scales_without_a_full_patch_score_empty(scorer: str, device: str) -> No
 def test_laplacian_checkerboard(device: str) -> None:
     img = checkerboard(24, 24).to(device)  # p=4, scale 1: 3x3 patches of 8x8 pixels
     got = laplacian_scores(img, 4, [1])[1][0].cpu()
-    # Per pixel |L| = 4 (interior and corners) or 5 (border, not corner: replicated edge); times gray 0.9999.
-    corner, edge = (14 * 5 + 50 * 4) / 64, (8 * 5 + 56 * 4) / 64
-    want = torch.tensor([[corner, edge, corner], [edge, 4.0, edge], [corner, edge, corner]], dtype=torch.float64)
-    torch.testing.assert_close(got, want * GRAY_SUM, rtol=1e-12, atol=1e-12)
+    # Per pixel |L| = 4 everywhere: reflected edges continue a period-2 pattern exactly (replicated ones would
+    # give 5 on the border); times gray 0.9999.
+    torch.testing.assert_close(got, torch.full((3, 3), 4.0 * GRAY_SUM, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -557,12 +582,14 @@ def test_entropy_known_values(device: str) -> None:
     got = entropy_scores(img.to(device), 4, [1], 512)[1]
     assert got.item() == pytest.approx(2.0, abs=1e-12)
     assert entropy_scores(checkerboard(8, 8).to(device), 4, [1], 512)[1].item() == pytest.approx(1.0, abs=1e-12)
-    # 64 distinct levels in 64 pixels: log2(64) = 6 bits. With 2 bins the split is gray = 0.9999 v < 128, i.e.
-    # v <= 128: 33 of the 64 values 0, 4, ..., 252 (not 32: the gray weights sum to 0.9999).
+    # 64 distinct levels in 64 pixels: log2(64) = 6 bits. With 2 bins (histc over [0, 255]) the split is
+    # gray = 0.9999 v < 127.5, i.e. v <= 127: 32 of the 64 values 0, 4, ..., 252, so exactly 1 bit.
     grad = (torch.arange(64) * 4).view(8, 8).to(torch.uint8).expand(1, 3, 8, 8).contiguous()
     assert entropy_scores(grad.to(device), 4, [1], 512)[1].item() == pytest.approx(6.0, abs=1e-12)
-    two_bins = -(33 / 64 * math.log2(33 / 64) + 31 / 64 * math.log2(31 / 64))
-    assert entropy_scores(grad.to(device), 4, [1], 2)[1].item() == pytest.approx(two_bins, abs=1e-12)
+    assert entropy_scores(grad.to(device), 4, [1], 2)[1].item() == pytest.approx(1.0, abs=1e-12)
+    # 3 bins split at gray 85 and 170: v <= 85 (22 values), v <= 170 (21 more), the remaining 21
+    three_bins = -sum(k / 64 * math.log2(k / 64) for k in (22, 21, 21))
+    assert entropy_scores(grad.to(device), 4, [1], 3)[1].item() == pytest.approx(three_bins, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------

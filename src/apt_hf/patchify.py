@@ -56,7 +56,9 @@ def default_thresholds(num_scales: int, scorer: str = "entropy", llava: bool = F
         )
     return list(value)
 
-# ITU-R 601 luma weights of DESIGN §1, as integers over 10_000 so 8-bit gray levels are exact.
+# ITU-R 601 luma weights, as the official pipeline applies them (float32) and, for the Laplacian, as exact
+# integers over 10_000.
+_GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 _GRAY_WEIGHTS_1E4 = (2989, 5870, 1140)
 
 
@@ -223,14 +225,31 @@ def _gray_1e4(images: torch.Tensor) -> torch.Tensor:
     return w[0] * x[:, 0] + w[1] * x[:, 1] + w[2] * x[:, 2]
 
 
-def _gray_levels(images: torch.Tensor, bins: int) -> torch.Tensor:
-    """floor(gray * bins / 256) clipped to bins - 1, exactly.
+@lru_cache(maxsize=8)
+def _gray_tables(device: str) -> torch.Tensor:
+    """(3, 256) float32: weight_c * v for every 8-bit value v, each a single float32 product.
 
-    gray * 1e4 * bins and 256e4 are integers below 2**53, so float64 holds them exactly; a correctly rounded
-    quotient below `bins` cannot cross an integer (its distance to one is >= 1 / 256e4 >> bins * 2**-53).
+    The official pipeline computes 0.2989 * R + 0.5870 * G + 0.1140 * B on float32 tensors of integer values;
+    gathering these products and adding them in the same order gives the same float32 gray, bit for bit, on any
+    device, and leaves no multiply that a compiler could fuse into the adds (a fused multiply-add rounds
+    differently).
     """
-    gray = _gray_1e4(images).to(torch.float64)
-    return torch.clamp(torch.floor(gray * bins / (256 * 10_000)), max=bins - 1).to(torch.int32)
+    values = torch.arange(256, dtype=torch.float32, device=device)
+    return torch.stack([values * w for w in _GRAY_WEIGHTS])
+
+
+def _gray_levels(images: torch.Tensor, bins: int) -> torch.Tensor:
+    """The histogram bin of every pixel of (B, 3, H, W) 8-bit images, exactly as the official pipeline bins them.
+
+    That pipeline scores `to_tensor(img) * 255` with `torch.histc(gray, bins, min=0, max=255)` per patch; histc
+    puts a float32 value g in bin floor(g * bins / 255) computed in float32 (255 itself in the last bin). Every
+    one of the 3.7M float32 gray values of 8-bit RGB lands in the same bin as histc puts it (tests check it).
+    """
+    tables = _gray_tables(str(images.device))
+    index = images.to(torch.int64)
+    gray = tables[0][index[:, 0]] + tables[1][index[:, 1]]
+    gray = gray + tables[2][index[:, 2]]
+    return torch.floor(gray * bins / 255).clamp_(max=bins - 1).to(torch.int32)
 
 
 def _full_grid(cells: int, factor: int) -> int:
@@ -293,11 +312,13 @@ def _pool_full_patches(per_pixel: torch.Tensor, patch_size: int, scale: int) -> 
 
 
 def laplacian_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Mean |8-neighbour Laplacian| of gray in [0, 1] (edges replicated) over every full aligned patch."""
+    """Mean |8-neighbour Laplacian| of gray in [0, 1] (edges reflected, as the official code) over every full aligned
+    patch."""
     gray = _gray_1e4(images).to(torch.float64)  # 10_000 * gray in 0..255: integers, so the conv is exact
     kernel = torch.ones(1, 1, 3, 3, dtype=gray.dtype, device=gray.device)
     kernel[0, 0, 1, 1] = -8
-    lap = F.conv2d(F.pad(gray[:, None], (1, 1, 1, 1), mode="replicate"), kernel)[:, 0].abs()
+    mode = "reflect" if min(gray.shape[-2:]) > 1 else "replicate"  # reflect needs two pixels per side
+    lap = F.conv2d(F.pad(gray[:, None], (1, 1, 1, 1), mode=mode), kernel)[:, 0].abs()
     return {s: _pool_full_patches(lap, patch_size, s) / (255 * 10_000) for s in scales}  # gray in [0, 1]
 
 
