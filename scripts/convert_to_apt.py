@@ -41,6 +41,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True,
                         help="hub id or local folder of a CLIP / CLIP vision / ViT / LLaVA-1.5 model")
     parser.add_argument("--output_dir", required=True, type=Path)
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="write over a folder that already holds files (refused without it)")
     parser.add_argument("--num_scales", type=int, default=2)
     parser.add_argument("--thresholds", type=float, nargs="*", default=None,
                         help="num_scales - 1 values (default: the paper's for the scorer; entropy: 5.5 for S=2 "
@@ -110,6 +112,9 @@ def convert_processor(model: str, converted: Any, revision: str | None) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
+    if args.output_dir.is_dir() and any(args.output_dir.iterdir()) and not args.overwrite_output_dir:
+        raise SystemExit(f"--output_dir: {args.output_dir} is not empty; pass --overwrite_output_dir to write over it, "
+                         "or choose another folder")
     config = AutoConfig.from_pretrained(args.model, revision=args.revision)
     fields = apt_fields(args, config.model_type)
     model = convert_model(args.model, config, fields, DTYPES[args.dtype], args.revision, args.vision_feature_layout)

@@ -36,7 +36,7 @@ from apt_hf import (
 from apt_hf.hub import collect_upload_set, publish, upload, validate_repo_id
 from apt_hf.model_card import CardOptions, parse_lmms_eval_results
 from apt_hf.sample_images import load_photos
-from apt_hf.tiny import build_tiny_llava, tiny_vision_config
+from apt_hf.tiny import build_tiny_llava, save_tiny_llava, tiny_vision_config
 
 # The HTTP client huggingface_hub talks through: httpx up to 1.x, its API-compatible fork httpx2 from 2.0.
 httpx = getattr(hub_http, "httpx2", None) or hub_http.httpx
@@ -614,3 +614,24 @@ def test_comparison_tables_read_results_with_the_card_parser(tmp_path):
     (tmp_path / "bad" / "x_results.json").write_text(json.dumps({"results": {}}))
     with pytest.raises(ValueError, match="results_dir"):
         load_run(tmp_path / "bad")
+
+
+def test_finetune_push_to_hub_publishes_without_pickles_or_token(fake_hub, tmp_path):
+    """`finetune_llava.py --push_to_hub --hub_token ...`: one commit of the safe upload set; the token on no file."""
+    from apt_hf.training import main, make_tiny_dataset
+
+    stock = save_tiny_llava(tmp_path / "stock", vision=tiny_vision_config(image_size=56))
+    data = make_tiny_dataset(tmp_path / "data.json", tmp_path / "images", num_samples=4, size=56)
+    out = tmp_path / "run"
+    secret = "hf_aTokenGivenOnTheCommandLine0123456789"
+    main(["--model_name_or_path", str(stock), "--data_path", str(data), "--image_folder", str(tmp_path / "images"),
+          "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps", "2", "--save_steps", "1",
+          "--report_to", "none", "--use_cpu", "true", "--push_to_hub", "--hub_model_id", REPO,
+          "--hub_token", secret])
+    os.environ.pop("HF_TOKEN", None)
+    sent = fake_hub.committed()
+    assert "model.safetensors" in sent and "README.md" in sent and "config.json" in sent
+    assert not [p for p in sent if p.endswith(PICKLE_SUFFIXES) or p.startswith("checkpoint-")]
+    assert all(r.headers["authorization"] == f"Bearer {secret}" for r in fake_hub.requests
+               if r.url.path == "/api/repos/create")
+    assert not [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]

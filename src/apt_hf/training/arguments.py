@@ -47,6 +47,10 @@ class ModelArguments:
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         metadata={"help": "Comma list of linear-layer names inside the language model that get LoRA."},
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over in an --output_dir that holds another run (its checkpoint-* "
+                                         "folders are removed). Without it such a folder is refused."}
+    )
     merge_lora: bool = field(
         default=False,
         metadata={"help": "Also save the LoRA-merged full model in --output_dir (the adapter goes to "

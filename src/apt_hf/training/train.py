@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import ExportableState
 
 from ..loading import checkpoint_model_type
 from .arguments import AptArguments, DataArguments, ModelArguments, parse_args
+from .checkpoints import check_output_dir, last_complete_checkpoint, missing_parts, remove_old_checkpoints
 from .collator import COUNT_KEYS, AptLlavaDataCollator
 from .data import load_training_dataset, make_tiny_dataset
 from .model import (
@@ -32,28 +33,64 @@ from .model import (
 logger = logging.getLogger("apt_hf.training")
 
 
+class DropCounts(TrainerCallback, ExportableState):
+    """Samples the collator dropped (broken images, too long), summed over processes and kept across resumes.
+
+    `total` (all processes, up to the last sync) is saved in every checkpoint's trainer_state.json and restored
+    with it; `pending` is this process's count since. Syncs (one all-reduce) happen at logs and before saves,
+    which every process reaches together.
+    """
+
+    def __init__(self) -> None:
+        self.total = dict.fromkeys(COUNT_KEYS, 0)
+        self.pending = dict.fromkeys(COUNT_KEYS, 0)
+        self.reduce: Any = None  # set by the Trainer: sums a tensor over processes
+
+    def sync(self) -> dict[str, int]:
+        counts = torch.tensor([self.pending[key] for key in COUNT_KEYS])
+        if self.reduce is not None:
+            counts = self.reduce(counts)
+        for key, n in zip(COUNT_KEYS, counts.tolist(), strict=True):
+            self.total[key] += int(n)
+            self.pending[key] = 0
+        return dict(self.total)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if control.should_save:  # set by DefaultFlowCallback, which runs first
+            self.sync()
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {}, "attributes": {"total": dict(self.total)}}
+
+
 class AptLlavaTrainer(Trainer):
     """Trainer that reports how many samples the collator dropped (broken images, too long) in every log.
 
     The collator runs in DataLoader workers, so the counts travel inside each batch (`COUNT_KEYS`); they are
-    taken out before the model sees the batch and summed over processes when logged.
+    taken out before the model sees the batch and kept by the `DropCounts` callback (in checkpoints too).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.dropped = {key: 0 for key in COUNT_KEYS}
+        callbacks = [*(kwargs.pop("callbacks", None) or []), DropCounts()]
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    @property
+    def drop_counts(self) -> DropCounts:
+        """The live DropCounts callback (a resume replaces it with the restored one)."""
+        counts = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, DropCounts))
+        if counts.reduce is None and self.accelerator.num_processes > 1:
+            counts.reduce = lambda t: self.accelerator.reduce(t.to(self.args.device), reduction="sum").cpu()
+        return counts
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        counts = self.drop_counts
         for key in COUNT_KEYS:
             if key in inputs:
-                self.dropped[key] += int(inputs.pop(key))
+                counts.pending[key] += int(inputs.pop(key))
         return super()._prepare_inputs(inputs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        counts = torch.tensor([self.dropped[key] for key in COUNT_KEYS], device=self.args.device)
-        if self.accelerator.num_processes > 1:  # every Trainer.log call site runs on all ranks
-            counts = self.accelerator.reduce(counts, reduction="sum")
-        logs.update({key: int(n) for key, n in zip(COUNT_KEYS, counts, strict=True)})
+        logs.update(self.drop_counts.sync())  # every Trainer.log call site runs on all ranks
         super().log(logs, start_time)
 
 
@@ -73,20 +110,51 @@ def prepare_tiny_demo(model_args: ModelArguments, data_args: DataArguments, trai
             make_tiny_dataset(data_args.data_path, data_args.image_folder)
 
 
-def resolve_resume(training_args: TrainingArguments) -> str | bool | None:
-    """`--resume_from_checkpoint` path, or 'auto'/'true' for the last checkpoint in --output_dir (if any)."""
+def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint` path, or 'auto'/'true' for the newest complete checkpoint in --output_dir."""
     resume = training_args.resume_from_checkpoint
     if resume is None:
         return None
     if str(resume).lower() in ("auto", "true", "last"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = last_complete_checkpoint(training_args.output_dir, training_args.save_only_model)
         if last is None:
-            logger.warning("resume_from_checkpoint=%s: no checkpoint in %s, starting fresh", resume,
+            logger.warning("resume_from_checkpoint=%s: no complete checkpoint in %s, starting fresh", resume,
                            training_args.output_dir)
-        return last
+        return None if last is None else str(last)
     if not os.path.isdir(resume):
         raise ValueError(f"resume_from_checkpoint: expected a checkpoint folder, got {resume!r}, which does not exist")
+    missing = missing_parts(resume, training_args.save_only_model)
+    if missing:
+        raise ValueError(f"resume_from_checkpoint: {resume} is an incomplete save (missing {', '.join(missing)}); "
+                         "pass an earlier checkpoint, or 'auto' to take the newest complete one")
     return resume
+
+
+def take_hub_settings(training_args: TrainingArguments, model_args: ModelArguments) -> dict[str, Any] | None:
+    """Take the hub settings out of TrainingArguments before Trainer pickles them (training_args.bin).
+
+    The token moves to this process's HF_TOKEN, so no file under --output_dir ever holds it, and Trainer's own
+    push (which uploads pickles: training_args.bin, and optimizer.pt with hub_strategy checkpoint) is turned off:
+    the finished model is published by `apt_hf.hub.publish`, which uploads safetensors, JSON and code only.
+    """
+    if training_args.hub_token:
+        os.environ["HF_TOKEN"] = training_args.hub_token
+        training_args.hub_token = None
+    if not training_args.push_to_hub:
+        return None
+    strategy = str(getattr(training_args.hub_strategy, "value", training_args.hub_strategy))
+    if strategy not in ("end", "every_save"):  # both: the finished model, published once at the end
+        raise ValueError(f"hub_strategy: expected 'end' or 'every_save' (the finished model, published without "
+                         f"pickles), got {strategy!r}; checkpoints hold pickled optimizer and argument files, which "
+                         "are never uploaded")
+    if model_args.lora_r > 0 and not model_args.merge_lora:
+        raise ValueError("push_to_hub: a LoRA run publishes its merged model; add --merge_lora, or publish the adapter "
+                         "folder with huggingface_hub yourself")
+    if not training_args.hub_model_id or "/" not in training_args.hub_model_id:
+        raise ValueError(f"hub_model_id: expected NAMESPACE/NAME to push to, got {training_args.hub_model_id!r}")
+    training_args.push_to_hub = False
+    return {"repo_id": training_args.hub_model_id, "private": training_args.hub_private_repo,
+            "revision": training_args.hub_revision}
 
 
 def _setup_logging(training_args: TrainingArguments) -> None:
@@ -102,9 +170,12 @@ def _setup_logging(training_args: TrainingArguments) -> None:
 def main(argv: list[str] | None = None) -> Trainer:
     """Parse, validate, load, train, save; returns the Trainer (tests read its state)."""
     model_args, apt_args, data_args, training_args = parse_args(argv)
+    hub = take_hub_settings(training_args, model_args)  # first: nothing may pickle the token
     _setup_logging(training_args)
     # The collator reads raw `messages` / `images`; Trainer must not drop them as "unused by forward".
     training_args.remove_unused_columns = False
+    # The dropped-sample counts (DropCounts) live in trainer_state.json and continue on resume.
+    training_args.restore_callback_states_from_checkpoint = True
     # APT's new layers see no gradient in a batch where nothing merged; DDP must tolerate that.
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = True
@@ -122,6 +193,9 @@ def main(argv: list[str] | None = None) -> Trainer:
     )
     logger.info("training samples: %d from %s", len(dataset), data_args.data_path)
     resume = resolve_resume(training_args)
+    check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, resuming=resume is not None)
+    if model_args.overwrite_output_dir and resume is None and training_args.process_index == 0:
+        remove_old_checkpoints(training_args.output_dir)  # or a later `auto` resume would continue the old run
 
     set_seed(training_args.seed)  # APT's new conv is randomly initialised at conversion: make it reproducible
     sharding = sharding_backend(training_args)
@@ -138,6 +212,8 @@ def main(argv: list[str] | None = None) -> Trainer:
                               processing_class=processor)
     trainer.train(resume_from_checkpoint=resume)
     save_outputs(trainer, processor, model_args, apt_args, model_type)
+    if hub is not None:
+        push_outputs(trainer, hub)
     return trainer
 
 
@@ -167,24 +243,17 @@ def save_outputs(trainer: Trainer, processor: Any, model_args: ModelArguments, a
         logger.info("saved %s to %s", "adapter + merged model" if model_args.merge_lora else
                     "adapter" if model_args.lora_r else "model", output_dir)
     trainer.accelerator.wait_for_everyone()
-    if args.push_to_hub:
-        push_outputs(trainer, merged_lora=model_args.lora_r > 0 and model_args.merge_lora)
 
 
-def push_outputs(trainer: Trainer, merged_lora: bool) -> None:
-    """Upload --output_dir to --hub_model_id. `Trainer.push_to_hub` first re-saves `trainer.model` there, which in
-    a merged-LoRA run is the adapter, so that run uploads the folder as saved (merged model, adapter/ inside)."""
-    if not merged_lora:
-        trainer.push_to_hub(commit_message="End of training")
-        return
+def push_outputs(trainer: Trainer, hub: dict[str, Any]) -> None:
+    """Publish --output_dir (the final model, processor, code and a model card; never a pickle) to the Hub."""
     if trainer.is_world_process_zero():
-        from huggingface_hub import upload_folder
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from ..hub import publish
 
-        trainer.create_model_card(model_name=Path(trainer.args.output_dir).name)
-        upload_folder(repo_id=trainer.hub_model_id, folder_path=trainer.args.output_dir, token=trainer.args.hub_token,
-                      commit_message="End of training (LoRA merged)", revision=trainer.args.hub_revision,
-                      ignore_patterns=["_*", f"{PREFIX_CHECKPOINT_DIR}-*"])
+        result = publish(trainer.args.output_dir, hub["repo_id"], private=hub["private"], revision=hub["revision"],
+                         commit_message="End of training")
+        logger.info("pushed %d files to %s", len(result.upload_set.files), hub["repo_id"])
+    trainer.accelerator.wait_for_everyone()
 
 
 def _merged_model(trainer: Trainer, adapter_dir: Path) -> Any:
@@ -203,4 +272,4 @@ def _zero3(trainer: Trainer) -> bool:
     return plugin is not None and plugin.zero_stage == 3
 
 
-__all__ = ["AptLlavaTrainer", "main", "TRAINING_INFO_FILE"]
+__all__ = ["AptLlavaTrainer", "DropCounts", "main", "TRAINING_INFO_FILE"]
