@@ -165,8 +165,11 @@ def test_bad_call_arguments_raise(photos):
     processor = AptImageProcessor(**SMALL)
     with pytest.raises(ValueError, match="thresholds"):
         processor(photos[0], thresholds=[1.0, 2.0])
-    with pytest.raises(ValueError, match="empty list"):
-        processor([])
+    for bad, match in (([photos[0], None], r"images\[1\]: expected an image .* got None"),
+                       ([np.zeros((0, 4, 3), np.uint8)], r"images\[0\]: expected an image with pixels"),
+                       ([torch.rand(3, 28, 28).bfloat16()], r"images\[0\]: .*bfloat16")):
+        with pytest.raises(ValueError, match=match):
+            processor(bad)
     with pytest.raises(ValueError, match=r"multiples of patch_size=14.*crop_size"):
         AptImageProcessor(crop_size={"height": 100, "width": 100})(photos[0])
     with pytest.raises(ValueError, match="at least patch_size=14"):

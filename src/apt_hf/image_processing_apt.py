@@ -63,6 +63,11 @@ class AptImageProcessingMixin:
         self._validate_apt_fields()
 
     def _validate_apt_fields(self) -> None:
+        if isinstance(self.patch_size, (list, tuple)) and len(self.patch_size) == 2 and \
+                self.patch_size[0] == self.patch_size[1]:
+            self.patch_size = self.patch_size[0]  # (p, p), as model configs may write it
+        if self.patch_size is None:
+            raise ValueError("patch_size: expected the model's patch size (an int >= 1), got None")
         thresholds = thresholds_or_default(self.thresholds, self.num_scales, self.scorer, llava=True)
         self.thresholds = validate_apt_fields(self.num_scales, thresholds, self.scorer, self.entropy_bins,
                                               self.patch_size)
@@ -115,8 +120,7 @@ class AptImageProcessingMixin:
         return output
 
     def preprocess(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:
-        if isinstance(images, (list, tuple)) and len(images) == 0:
-            raise ValueError("images: expected at least one image, got an empty list")
+        _check_image_inputs(images)
         return super().preprocess(images, *args, **kwargs)
 
     def _preprocess(
@@ -137,6 +141,8 @@ class AptImageProcessingMixin:
     ) -> BatchFeature:
         """The backend's pad / resize / crop, scoring on that 8-bit image, then its own rescale / normalize."""
         thresholds = validate_apt_fields(num_scales, thresholds, scorer, entropy_bins, patch_size)
+        if not images:  # text-only batches ([] or [[], []]), as the stock processors accept them
+            return BatchFeature(data=_empty_batch(patch_size), tensor_type=return_tensors)
         for i, image in enumerate(images):
             _check_input_values(image, i)
         resized = super()._preprocess(images, do_rescale=False, rescale_factor=rescale_factor, do_normalize=False,
@@ -162,6 +168,30 @@ class AptImageProcessingMixin:
                                image_mean: Any, image_std: Any) -> Any:
         """Exactly what the backend's own `_preprocess` does after cropping (overridden per backend)."""
         raise NotImplementedError
+
+
+def _empty_batch(patch_size: int) -> dict[str, torch.Tensor]:
+    """The processor's keys for no images at all (a model given them encodes no image)."""
+    long = torch.int64
+    return {"pixel_values": torch.zeros((0, 3, patch_size, patch_size)), "patch_scales": torch.zeros(0, dtype=long),
+            "patch_positions": torch.zeros((0, 2), dtype=long), "tokens_per_image": torch.zeros(0, dtype=long),
+            "image_grid_hw": torch.zeros((0, 2), dtype=long)}
+
+
+def _check_image_inputs(images: Any, where: str = "images") -> None:
+    """Refuse, by position, the inputs transformers would reject unclearly: None, empty arrays, bfloat16 tensors."""
+    if isinstance(images, (list, tuple)):
+        for i, item in enumerate(images):
+            _check_image_inputs(item, f"{where}[{i}]")
+        return
+    if images is None:
+        raise ValueError(f"{where}: expected an image (PIL image, numpy array or tensor), got None")
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        if 0 in tuple(images.shape):
+            raise ValueError(f"{where}: expected an image with pixels, got an array of shape {tuple(images.shape)}")
+        if isinstance(images, torch.Tensor) and images.dtype == torch.bfloat16:
+            raise ValueError(f"{where}: expected uint8 or float32 pixels, got a {images.dtype} tensor; convert it "
+                             "with .float() (values in [0, 1] or 0..255 as for float32)")
 
 
 def _as_float_tensor(image: Any) -> torch.Tensor:

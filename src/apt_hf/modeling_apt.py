@@ -263,6 +263,8 @@ class AptPatchEmbeddings(nn.Module):
                 raise ValueError("tokens_per_image: expected at least one image, got none")
         else:
             b, _, h, w = pixel_values.shape
+            if b == 0:
+                raise ValueError(f"pixel_values: expected at least one image, got shape {tuple(pixel_values.shape)}")
             if h % p or w % p:
                 hint = ""
                 if h < p or w < p:

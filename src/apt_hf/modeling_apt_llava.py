@@ -68,6 +68,10 @@ class AptLlavaModel(LlavaModel):
         packed `last_hidden_state`. Other keyword arguments (the language model's, e.g. `position_ids`,
         `cu_seq_lens_q`, `num_items_in_batch`) are not the tower's and are not passed to it.
         """
+        if pixel_values.numel() == 0:  # a text-only batch: no features, and no <image> slot to fill
+            dim = self.config.text_config.hidden_size
+            none = self.multi_modal_projector.linear_2.weight.new_zeros((0, dim))
+            return BaseModelOutputWithPooling(pooler_output=[none])
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         layout = PatchLayout.from_inputs(dict(zip(
@@ -147,6 +151,10 @@ class AptLlavaModel(LlavaModel):
             patch_scales=patch_scales, patch_positions=patch_positions, tokens_per_image=tokens_per_image,
             image_grid_hw=image_grid_hw,
         )
+        has_images = mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None
+        if not has_images and input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError("input_ids: the text has <image> tokens but no images were given; pass pixel_values and "
+                             "the layout keys the processor returned (model(**processor(images=..., text=...)))")
         return super().forward(input_ids=input_ids, vision_feature_layer=vision_feature_layer,
                                vision_feature_select_strategy=vision_feature_select_strategy,
                                mm_encoder_outputs=mm_encoder_outputs, **kwargs)

@@ -51,8 +51,14 @@ def normalize_content(content: Any) -> list[dict[str, Any]]:
         return [{"type": "text", "text": ""}]
     if isinstance(content, str):
         return _text_parts(content)
+    if not isinstance(content, list):
+        raise ValueError(f"message content: expected a string or a list of parts, got {type(content).__name__} "
+                         f"{content!r:.80}")
     parts: list[dict[str, Any]] = []
     for part in content:
+        if not isinstance(part, dict):
+            raise ValueError(f"message content: expected parts {{'type': ..., 'text': ...}}, got "
+                             f"{type(part).__name__} {part!r:.80}")
         kind = part.get("type")
         if kind == "image":
             parts.append({"type": "image", "text": None})
@@ -66,12 +72,24 @@ def normalize_content(content: Any) -> list[dict[str, Any]]:
 def normalize_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
     """The conversation of a row of either schema as chat-template messages."""
     if row.get("messages") is not None:
-        turns = [(m.get("role"), m.get("content")) for m in row["messages"]]
+        key, role_key, content_key = "messages", "role", "content"
     elif row.get("conversations") is not None:
-        turns = [(m.get("from"), m.get("value")) for m in row["conversations"]]
+        key, role_key, content_key = "conversations", "from", "value"
     else:
         raise ValueError("data_path: expected each sample to have `conversations` (LLaVA format) or `messages`, "
                          f"got keys {sorted(row)}")
+    if not isinstance(row[key], list):
+        raise ValueError(f"{key}: expected a list of turns, got {type(row[key]).__name__} {row[key]!r:.80}")
+    turns = []
+    for turn in row[key]:
+        if not isinstance(turn, dict):
+            raise ValueError(f"{key}: expected each turn to be an object with {role_key!r} and {content_key!r}, got "
+                             f"{type(turn).__name__} {turn!r:.80}")
+        content = turn.get(content_key)
+        if key == "conversations" and content is not None and not isinstance(content, str):
+            raise ValueError(f"conversations: expected 'value' to be a string, got {type(content).__name__} "
+                             f"{content!r:.80}")
+        turns.append((turn.get(role_key), content))
     messages = []
     for role, content in turns:
         if role not in ROLE_NAMES:
@@ -156,13 +174,27 @@ def sample_indices(n: int, sample_fraction: float | None, max_samples: int | Non
 
 
 def _read_json_rows(path: Path) -> list[dict[str, Any]]:
-    with open(path) as f:
+    """The records of a JSON list or a JSONL file; a malformed line or record names the file and where."""
+    with open(path, encoding="utf-8") as f:
         if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in f if line.strip()]
+            rows = []
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"data_path: {path} line {number} is not JSON ({err.msg})") from None
         else:
-            rows = json.load(f)
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"data_path: expected a JSON list of samples (objects) in {path}")
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"data_path: {path} is not JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"data_path: expected a JSON list of samples (objects) in {path}, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"data_path: {path} record {i} is a {type(row).__name__}, expected an object")
     return rows
 
 
@@ -183,8 +215,9 @@ def _load_json_dataset(path: Path, image_folder: str | None, indices_fn) -> Any:
     picked = rows if indices is None else [rows[i] for i in indices]
     ids, messages, images = [], [], []
     for i, row in enumerate(picked):
-        sample_id = str(row.get("id", i if indices is None else indices[i]))
-        name = repr(sample_id)
+        index = i if indices is None else indices[i]
+        sample_id = str(row.get("id", index))
+        name = f"{sample_id!r} ({path} record {index})"
         try:
             conversation = normalize_messages(row)
         except ValueError as err:
