@@ -372,7 +372,8 @@ def test_bad_data_raises_before_training(work: dict[str, Path], tmp_path: Path) 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "two-tags", "image": "0000.png", "conversations": [
         {"from": "human", "value": "<image>\n<image>\nCompare."}, {"from": "gpt", "value": "Same."}]}]))
-    with pytest.raises(ValueError, match=r"sample 'two-tags' has 2 <image> placeholder\(s\) but 1 image"):
+    with pytest.raises(ValueError,
+                       match=r"sample 'two-tags' \(.*bad.json record 0\) has 2 <image> placeholder\(s\) but 1 image"):
         main(with_(data_path=str(bad)))
     not_llava = tmp_path / "llama"
     from transformers import LlamaConfig
