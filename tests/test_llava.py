@@ -269,3 +269,25 @@ def test_forward_generate_and_train_step_use_no_deprecated_names(tiny, photos):
         model.eval()
     named = [r for r in records if "image_hidden_states" in r or "past_key_values" in r]
     assert not named, named
+
+
+def test_text_only_batches_and_images_missing(tiny, photos):
+    """Text-only batches run as stock LLaVA's processor accepts them; <image> tokens without images are refused."""
+    from apt_hf import AptImageProcessorPil
+
+    stock, processor = tiny
+    model, apt_processor = convert(stock, processor, "packed", [5.75])
+    batch = apt_processor(images=[[], []], text=["hi", "there"], return_tensors="pt", padding=True)
+    assert batch["pixel_values"].shape[0] == 0 and batch["tokens_per_image"].numel() == 0
+    stock_batch = processor(text=["hi", "there"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, stock(**stock_batch).logits, atol=1e-5, rtol=1e-5)
+        assert model.generate(**batch, max_new_tokens=2, num_beams=2).shape == (2, batch["input_ids"].shape[1] + 2)
+    assert AptImageProcessorPil()([[]], return_tensors="pt")["pixel_values"].shape[0] == 0
+    ids = apt_processor(images=photos[:1], text=[PROMPT], return_tensors="pt")["input_ids"]
+    with pytest.raises(ValueError, match="input_ids: the text has <image> tokens but no images"):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match="images: got 0 image"):
+        apt_processor(text=[PROMPT], return_tensors="pt")
+    with pytest.raises(ValueError, match=r"pixel_values: expected at least one image, got shape \(0, 3"):
+        model.model.vision_tower(torch.zeros(0, 3, 112, 112))
