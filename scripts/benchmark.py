@@ -2,12 +2,14 @@
 
     python scripts/benchmark.py processor [--help]
     python scripts/benchmark.py vision [--help]
+    python scripts/benchmark.py llava [--help]
+    python scripts/benchmark.py train [--help]
 """
 
 import importlib
 import sys
 
-SUITES = ("processor", "vision", "llava")
+SUITES = ("processor", "vision", "llava", "train")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in SUITES:

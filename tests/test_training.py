@@ -518,3 +518,37 @@ def test_too_long_samples_are_cut_or_skipped(work: dict[str, Path], processor: A
     tight = AptLlavaDataCollator(processor, max_length=3, image_folder=str(work["images"]))
     batch = tight([ds[0], ds[7]])  # the image sample cannot keep its image tokens: skipped; text-only cut
     assert batch["input_ids"].shape == (1, 3) and "pixel_values" not in batch and tight.skipped_too_long == 1
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "apt_sdpa_packed"])
+def test_padding_free_batches_give_the_padded_loss_and_gradients(tmp_path: Path, attn: str) -> None:
+    """One flattened row (positions restart, no mask, no cache) = the padded batch, to 1e-5 in fp32.
+
+    `apt_sdpa_packed` (what training uses on sdpa) runs sdpa per sample on the flattened row and plain masked sdpa
+    on the padded batch.
+    """
+    from apt_hf.training.packed_lm_attention import register
+
+    stock, stock_processor = build_tiny_llava(vision=tiny_vision_config(image_size=56))
+    model = AptLlavaForConditionalGeneration.from_llava(stock, thresholds=[5.75]).train()
+    model.set_attn_implementation({"text_config": register() if attn == "apt_sdpa_packed" else attn})
+    processor = AptLlavaProcessor.from_llava_processor(stock_processor, thresholds=[5.75])
+    data = make_tiny_dataset(tmp_path / "data.json", tmp_path / "images", num_samples=6, size=56)
+    rows = list(load_training_dataset(str(data), str(tmp_path / "images")))
+    results = {}
+    for padding_free in (False, True):
+        collator = AptLlavaDataCollator(processor, image_folder=str(tmp_path / "images"), padding_free=padding_free)
+        batch = collator(rows)
+        if padding_free:
+            assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch and not batch["use_cache"]
+            assert (batch["position_ids"] == 0).sum() == len(rows)
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        results[padding_free] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                 if p.grad is not None})
+    (loss_padded, grads_padded), (loss_flat, grads_flat) = results[False], results[True]
+    torch.testing.assert_close(loss_flat, loss_padded, atol=1e-5, rtol=1e-5)
+    assert grads_padded.keys() == grads_flat.keys() and grads_padded
+    for name, grad in grads_padded.items():
+        torch.testing.assert_close(grads_flat[name], grad, atol=1e-5, rtol=1e-4, msg=name)

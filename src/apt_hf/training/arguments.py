@@ -119,6 +119,12 @@ class DataArguments:
         metadata={"help": "End every assistant turn with the eos token when the chat template does not (LLaVA-1.5 "
                           "trains on `</s>` after each answer; llava-hf's template omits it)."},
     )
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "Flatten each batch into one row (position_ids restart per sample, no attention mask, no "
+                          "cache), so APT's shorter prompts are not padded back to the longest one; false: padded "
+                          "batches."},
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, AptArguments, DataArguments, TrainingArguments)

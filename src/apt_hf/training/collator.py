@@ -31,14 +31,20 @@ logger = logging.getLogger(__name__)
 class AptLlavaDataCollator:
     """Turn rows of `load_training_dataset` into `AptLlavaForConditionalGeneration` inputs with labels.
 
-    Output keys: input_ids, attention_mask, labels (B, L), and when the batch has images the packed image keys
-    of `AptLlavaProcessor` (pixel_values, patch_scales, patch_positions, tokens_per_image, image_grid_hw),
-    images of all samples concatenated in sample order.
+    Output keys: input_ids and labels, and when the batch has images the packed image keys of `AptLlavaProcessor`
+    (pixel_values, patch_scales, patch_positions, tokens_per_image, image_grid_hw), images of all samples
+    concatenated in sample order. Padding-free (default): one (1, sum of lengths) row with `position_ids` that
+    restart at every sample, no attention mask and `use_cache=False`, the path on which transformers' attention
+    (sdpa, eager, flex, flash) finds the sample boundaries from the positions, as `DataCollatorWithFlattening`
+    does; the first label of every sample is ignored so that no sample predicts the next one. Otherwise
+    right-padded (B, L) rows with an attention mask.
     """
 
     def __init__(self, processor: Any, max_length: int = 2048, image_folder: str | None = None,
-                 append_eos: bool = True, max_fallback: int = 64, report_counts: bool = False) -> None:
+                 append_eos: bool = True, max_fallback: int = 64, report_counts: bool = False,
+                 padding_free: bool = False) -> None:
         self.processor = processor
+        self.padding_free = padding_free
         # DataLoader workers run copies of this object, so their counters never reach the main process; with
         # report_counts each batch carries its own counts (COUNT_KEYS), which AptLlavaTrainer pops and sums.
         self.report_counts = report_counts
@@ -202,7 +208,7 @@ class AptLlavaDataCollator:
             raise ValueError(f"model_max_length: every sample of a batch is longer than {self.max_length} tokens "
                              "before its image tokens end; raise --model_max_length")
 
-        batch = self._pad(sequences)
+        batch = self._flatten(sequences) if self.padding_free else self._pad(sequences)
         if kept_images:
             if len(kept_images) != len(counts):
                 image_inputs = _take_images(image_inputs, kept_images)
@@ -230,6 +236,14 @@ class AptLlavaDataCollator:
 
     def _image_tokens_cut(self, ids: list[int]) -> bool:
         return self.image_token_id in ids[self.max_length:]
+
+    @staticmethod
+    def _flatten(sequences: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
+        """One row of every sample back to back; positions restart per sample; no sample's label seen by another."""
+        input_ids = torch.tensor([t for ids, _ in sequences for t in ids], dtype=torch.long)[None]
+        labels = torch.tensor([t for _, lab in sequences for t in [IGNORE_INDEX, *lab[1:]]], dtype=torch.long)[None]
+        position_ids = torch.cat([torch.arange(len(ids)) for ids, _ in sequences])[None]
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "use_cache": False}
 
     def _pad(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         """Right padding: positions then match an unpadded sample, as in LLaVA's own training."""

@@ -29,6 +29,7 @@ from .model import (
     setup_trainable,
     sharding_backend,
 )
+from .packed_lm_attention import register as register_packed_sdpa
 
 logger = logging.getLogger("apt_hf.training")
 
@@ -201,12 +202,15 @@ def main(argv: list[str] | None = None) -> Trainer:
     sharding = sharding_backend(training_args)
     dtype = resolve_dtype(model_args.dtype, training_args.bf16, training_args.fp16, sharding)
     model, processor, _converted = load_model_and_processor(model_args, apt_args, dtype)
+    if data_args.padding_free and model.config.text_config._attn_implementation == "sdpa":
+        # sdpa would attend over the whole flattened row; this runs it per sample (flash does so by itself)
+        model.set_attn_implementation({"text_config": register_packed_sdpa()})
     # Under autocast, keep what trains in float32; DeepSpeed and FSDP keep their own float32 master weights.
     model = setup_trainable(model, model_args,
                             upcast=(training_args.bf16 or training_args.fp16) and sharding is None)
     collator = AptLlavaDataCollator(processor, max_length=data_args.model_max_length,
                                     image_folder=data_args.image_folder, append_eos=data_args.append_eos,
-                                    report_counts=True)
+                                    padding_free=data_args.padding_free, report_counts=True)
 
     trainer = AptLlavaTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                               processing_class=processor)

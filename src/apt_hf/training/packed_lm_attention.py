@@ -1,0 +1,66 @@
+"""Padding-free batches for the language model on sdpa: attention per sample, not over the whole flattened row.
+
+A padding-free batch is one row of samples back to back with `position_ids` restarting at each. transformers
+then builds a block-diagonal causal mask over the whole row, and sdpa computes attention over all of it: the
+row's length squared, more than the padded batch costs. Flash-attention instead runs its varlen kernel on the
+samples. `apt_sdpa_packed` does the same with sdpa: on a flattened row without a cache it runs transformers' own
+sdpa function once per sample (causal, no mask); on anything else (padded batches, generation with a cache) it is
+plain sdpa with the mask transformers built, so it is always correct. Registered with transformers'
+`AttentionInterface` and `AttentionMaskInterface` (the mask is sdpa's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+SDPA_PACKED = "apt_sdpa_packed"
+
+
+def _sample_bounds(position_ids: torch.Tensor | None, length: int) -> list[int] | None:
+    """Start offsets of the samples of one flattened row (plus its end), or None when it is not one."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] != length:
+        return None
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0 or len(starts) == 1:
+        return None
+    return [*starts, length]
+
+
+def sdpa_packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """sdpa per sample on a flattened row (B=1, no cache: queries and keys of the same length); sdpa otherwise."""
+    bounds = _sample_bounds(position_ids, query.shape[2]) if query.shape[2] == key.shape[2] else None
+    if bounds is None or not getattr(module, "is_causal", True):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                        None, dropout=dropout, scaling=scaling, **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), None
+
+
+def register() -> str:
+    """Register `apt_sdpa_packed` (attention and its mask) with transformers; returns the name."""
+    AttentionInterface.register(SDPA_PACKED, sdpa_packed_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_PACKED, sdpa_mask)
+    return SDPA_PACKED
+
+
+__all__ = ["SDPA_PACKED", "register", "sdpa_packed_attention"]
