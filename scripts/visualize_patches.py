@@ -1,4 +1,4 @@
-"""Draw the APT patch layout of one image as the model sees it (DESIGN §3).
+"""Draw the APT patch layout of one image as the model sees it (after the processor's resize and crop).
 
     python scripts/visualize_patches.py --input photo.jpg --output layout.png
     python scripts/visualize_patches.py --input astronaut --output fig1.png --compare      # bundled sample photo

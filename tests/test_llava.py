@@ -132,6 +132,7 @@ def test_remote_code_round_trip_without_apt_hf(tmp_path, tiny, photos):
     apt_processor.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"].endswith("AptLlavaForConditionalGeneration")
+    assert config["auto_map"]["AutoModel"] == "modeling_apt_llava.AptLlavaModel"
     assert {"modeling_apt_llava.py", "modeling_apt.py", "configuration_apt.py", "patchify.py",
             "processing_apt_llava.py", "image_processing_apt.py"} <= set(os.listdir(tmp_path))
     batch = apt_processor(images=photos[:2], text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
@@ -144,8 +145,10 @@ import sys
 sys.modules["apt_hf"] = None  # apt_hf cannot be imported: only the checkpoint's own code is available
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 path = {str(tmp_path)!r}
+base = AutoModel.from_pretrained(path, trust_remote_code=True)  # the base model, as AutoModel gives stock LLaVA's
+assert type(base).__name__ == "AptLlavaModel" and type(base.vision_tower).__name__ == "AptCLIPVisionModel"
 config = AutoConfig.from_pretrained(path, trust_remote_code=True)
 model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)

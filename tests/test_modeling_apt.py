@@ -477,3 +477,24 @@ def test_flex_document_mask_matches_torch_create_block_mask():
                                 device="cpu")
         assert torch.equal(mask.to_dense(), ref.to_dense())
         assert torch.equal(mask.full_kv_num_blocks, ref.full_kv_num_blocks)
+
+
+def test_conversion_from_paths_is_quiet_about_keys_dropped_by_design(tmp_path, capfd, caplog):
+    """A full CLIP's text tower and a classifier's head are dropped silently; weights initialised fresh are named."""
+    from transformers import CLIPConfig, CLIPModel
+
+    clip = CLIPModel(CLIPConfig(text_config=dict(TINY), vision_config={**TINY, "image_size": 64, "patch_size": 8},
+                                projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    stock_vit(cls=ViTForImageClassification, num_labels=3).save_pretrained(tmp_path / "vit")
+    capfd.readouterr()
+    AptCLIPVisionModel.from_clip(str(tmp_path / "clip"))
+    AptViTForImageClassification.from_vit(str(tmp_path / "vit"))
+    quiet = capfd.readouterr()
+    assert "LOAD REPORT" not in quiet.out + quiet.err and "text_model" not in quiet.out + quiet.err
+    assert not [r for r in caplog.records if r.levelno >= 30]
+    AptViTModel.from_vit(str(tmp_path / "vit"))
+    said = capfd.readouterr()
+    assert "LOAD REPORT" not in said.out + said.err
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert "pooler.dense" in warning and "initialised fresh" in warning

@@ -51,7 +51,7 @@ class AptImageProcessingMixin:
 
     valid_kwargs = AptImageProcessorKwargs
     model_input_names = list(APT_IMAGE_KEYS)
-    # LLaVA-1.5 at 336/14 (DESIGN §1); override per checkpoint.
+    # LLaVA-1.5 at 336/14 (the paper's LLaVA setting); override per checkpoint.
     patch_size = 14
     num_scales = 2
     thresholds = None  # absent: the default for num_scales and scorer (LLaVA-1.5's [5.75] at S=2, entropy)

@@ -89,7 +89,7 @@ class AptModelOutput(_LayoutFields, BaseModelOutputWithPooling):
     cu_seqlens (`torch.IntTensor` of shape `(batch_size + 1,)`):
         Cumulative sequence lengths (CLS included): image i is rows cu_seqlens[i]:cu_seqlens[i + 1].
     patch_scales, patch_positions, tokens_per_image, image_grid_hw:
-        The token layout (DESIGN §3), e.g. for `to_grid`.
+        The token layout (see `AptImageProcessor`), e.g. for `to_grid`.
     """
 
     cu_seqlens: torch.Tensor | None = None
@@ -530,7 +530,7 @@ class AptPreTrainedMixin:
                 raise ValueError(f"{cls.__name__}: loading options {sorted(kwargs)} only apply to a path or hub id")
             stock = cls._pick_stock(model_or_path)
         else:
-            stock = cls._stock_class.from_pretrained(model_or_path, **kwargs)
+            stock = _load_quietly(cls._stock_class, model_or_path, kwargs, cls.__name__)
             if "image_mean" not in apt_fields or "image_std" not in apt_fields:
                 apt_fields = {**_processor_stats(model_or_path, kwargs), **apt_fields}
         attn = attn_implementation if attn_implementation is not None else stock.config._attn_implementation
@@ -554,12 +554,37 @@ class AptPreTrainedMixin:
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         """Save weights and config with `auto_map` entries for every Auto class this model serves, plus the code."""
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        for auto_class in self._apt_auto_classes:
-            target = _AUTO_TARGETS.get((type(self).__name__, auto_class), type(self).__name__)
-            auto_map.setdefault(auto_class, f"{type(self).__module__.split('.')[-1]}.{target}")
-        self.config.auto_map = auto_map
+        add_auto_map(self, {auto_class: _AUTO_TARGETS.get((type(self).__name__, auto_class), type(self).__name__)
+                            for auto_class in self._apt_auto_classes})
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def add_auto_map(model: nn.Module, targets: dict[str, str]) -> None:
+    """Add `auto_map` entries (Auto class -> class of the model's own file) to its config, keeping existing ones.
+
+    save_pretrained writes them, so `AutoX.from_pretrained(dir, trust_remote_code=True)` finds each class.
+    """
+    module = type(model).__module__.split(".")[-1]
+    auto_map = dict(getattr(model.config, "auto_map", None) or {})
+    for auto_class, target in targets.items():
+        auto_map.setdefault(auto_class, f"{module}.{target}")
+    model.config.auto_map = auto_map
+
+
+def _load_quietly(stock_class: type[PreTrainedModel], path: str, kwargs: dict[str, Any], name: str) -> PreTrainedModel:
+    """`stock_class.from_pretrained` without transformers' load report, which lists keys that are dropped by design
+    (a full CLIP's text tower, a classifier's head); weights initialised fresh are named once instead."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        stock, info = stock_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        logging.set_verbosity(verbosity)
+    fresh = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
+    if fresh:
+        logger.warning(f"{name}: {path} has no weights for {', '.join(fresh)} (e.g. a classifier checkpoint has no "
+                       f"pooler); they are initialised fresh, as {stock_class.__name__}.from_pretrained does")
+    return stock
 
 
 def _unavailable(requested: str | None, err: Exception) -> ValueError:

@@ -23,7 +23,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaModel, LlavaMultiModalProjector, LlavaPreTrainedModel
 
 from .configuration_apt import APT_SETTINGS, AptLlavaConfig, declared_settings
-from .modeling_apt import AptCLIPVisionModel, _processor_stats, adopt_stock_weights, drop_cls_tokens, expand_to_grid
+from .modeling_apt import (
+    AptCLIPVisionModel,
+    _processor_stats,
+    add_auto_map,
+    adopt_stock_weights,
+    drop_cls_tokens,
+    expand_to_grid,
+)
 from .patchify import PatchLayout
 
 # The parts `parameters_of` knows, e.g. for freezing policies (`finetune_llava.py --trainable`).
@@ -190,6 +197,11 @@ class AptLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                           strict=True))
         return super().forward(input_ids=input_ids, pixel_values=pixel_values, mm_encoder_outputs=mm_encoder_outputs,
                                **layout, **kwargs)
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' save, with `AutoModel` in `auto_map` (the base model, as stock LLaVA's AutoModel gives)."""
+        add_auto_map(self, {"AutoModel": "AptLlavaModel"})
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def apt_parameters(self) -> list[nn.Parameter]:
         """The parameters APT adds to the tower (merge conv, zero-MLP)."""

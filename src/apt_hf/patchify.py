@@ -1,10 +1,10 @@
 """APT patchification: score patches on a quadtree of scales, select sizes, pack tokens.
 
 Pure, batched tensor functions shared by `AptImageProcessor` (CPU) and the models' dense path (any
-device). Conventions (DESIGN §1): scale ``s`` has patch size ``p * 2**s`` on an aligned quadtree of the
-base grid; a base cell is covered by the largest scale whose aligned patch scores below that scale's
-threshold; tokens are ordered by the raster position of their top-left base cell; a token of scale ``s``
-owns ``4**s`` base patches, kept contiguous and in raster order inside the token.
+device). Conventions, those of the APT paper and its official code: scale ``s`` has patch size ``p * 2**s`` on
+an aligned quadtree of the base grid; a base cell is covered by the largest scale whose aligned patch scores
+below that scale's threshold; tokens are ordered by the raster position of their top-left base cell; a token
+of scale ``s`` owns ``4**s`` base patches, kept contiguous and in raster order inside the token.
 
 Layout tensors (one row per token unless said otherwise):
     patch_scales (T,) int64, patch_positions (T, 2) int64 (row, col of the top-left base cell),

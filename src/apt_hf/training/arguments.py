@@ -1,6 +1,6 @@
 """Command-line and recipe arguments of `scripts/finetune_llava.py`.
 
-Flags are transformers' `TrainingArguments` plus the dataclasses below (DESIGN §3). A YAML recipe given with
+Flags are transformers' `TrainingArguments` plus the dataclasses below. A YAML recipe given with
 `--config` supplies defaults; flags on the command line override it. Recipe keys are checked against the
 parser so a typo fails before any model is loaded instead of being silently ignored.
 """
@@ -77,7 +77,7 @@ class ModelArguments:
 
 @dataclass
 class AptArguments:
-    """APT fields (DESIGN §3); unset ones keep the checkpoint's values (or the model's defaults)."""
+    """APT fields; unset ones keep the checkpoint's values (or the model's defaults)."""
 
     num_scales: int | None = field(default=None, metadata={"help": "Number of patch scales S."})
     thresholds: list[float] | None = field(
