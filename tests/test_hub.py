@@ -635,3 +635,22 @@ def test_finetune_push_to_hub_publishes_without_pickles_or_token(fake_hub, tmp_p
     assert all(r.headers["authorization"] == f"Bearer {secret}" for r in fake_hub.requests
                if r.url.path == "/api/repos/create")
     assert not [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def test_cards_state_the_base_model_what_the_weights_are_and_no_stderr_metric(vision, tmp_path):
+    root, *_ = vision
+    folder = tmp_path / "clip"
+    shutil.copytree(root / "clip", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["base_model_name_or_path"] = "openai/clip-vit-large-patch14-336"  # what conversion from the hub records
+    (folder / "config.json").write_text(json.dumps(config))
+    results = json.loads(json.dumps(LMMS_RESULTS))
+    results["results"]["gqa"]["exact_match_stderr_clt,none"] = 0.004  # lmms-eval 0.7.3 writes these too
+    card = collect_upload_set(folder, tmp_path / "work", repo_id=REPO, card=CardOptions(eval_results=results)).card
+    assert card.data.base_model == "openai/clip-vit-large-patch14-336"
+    assert "converted from the stock weights and not fine-tuned" in card.text
+    metrics = [m for r in card.data.eval_results for m in [r.metric_type, r.metric_name or ""]]
+    assert metrics and not [m for m in metrics if "stderr" in m]
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 120, "epoch": 1.0, "log_history": []}))
+    card = collect_upload_set(folder, tmp_path / "work2", repo_id=REPO).card
+    assert "fine-tuned with APT for 120 steps (1 epochs)" in card.text

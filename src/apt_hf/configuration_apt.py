@@ -57,6 +57,8 @@ class AptConfigMixin:
     entropy_bins: int = 512
     image_mean: list[float] | tuple[float, ...] | None = None
     image_std: list[float] | tuple[float, ...] | None = None
+    # The stock checkpoint this model was converted from (hub id or path), for model cards; recorded by conversion.
+    base_model_name_or_path: str | None = None
 
     _default_image_mean: ClassVar[tuple[float, ...]] = tuple(IMAGENET_STANDARD_MEAN)
     _default_image_std: ClassVar[tuple[float, ...]] = tuple(IMAGENET_STANDARD_STD)

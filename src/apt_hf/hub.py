@@ -464,9 +464,11 @@ def collect_upload_set(
     notes: list[str] = []
     json_files, changed, auto_map = _complete_auto_maps(model_dir, config, kind, card_kind, notes)
     code_dir, code_files = _remote_code(model_dir, json_files, notes)
-    card_options = dataclasses.replace(card_options,
-                                       base_model=card_options.base_model or _recorded_base_model(model_dir))
-    card = render_model_card(card_kind, repo_id, settings, card_options, eval_run=eval_run)
+    card_options = dataclasses.replace(
+        card_options, base_model=card_options.base_model or _recorded_base_model(model_dir) or _hub_id(
+            (config.get("vision_config") if kind == "llava" else config).get("base_model_name_or_path")))
+    card = render_model_card(card_kind, repo_id, settings, card_options, eval_run=eval_run,
+                             training=_training_summary(model_dir))
     if eval_run is not None and eval_run.limit not in (None, 0):
         notes.append(f"eval_results: lmms-eval ran with --limit {eval_run.limit}; the card says so")
     if kind == "llava" and not _has_chat_template(model_dir):
@@ -535,6 +537,29 @@ def _why_skipped(entry: Path) -> str:
     if entry.name.startswith("."):
         return "hidden file"
     return "not a model, processor or remote-code file"
+
+
+def _hub_id(value: Any) -> str | None:
+    """`value` when it names a hub repository (not a local folder), else None."""
+    if not isinstance(value, str) or Path(value).expanduser().exists():
+        return None
+    try:
+        return validate_repo_id(value)
+    except ValueError:
+        return None
+
+
+def _training_summary(model_dir: Path) -> str:
+    """What the card says the weights are: fine-tuned (from trainer_state.json) or converted only."""
+    try:
+        state = json.loads((model_dir / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ("converted from the stock weights and not fine-tuned: APT's new layers are at their initial values "
+                "(the zero-MLP outputs zero), so a merged patch is embedded from its resized pixels only. Fine-tune "
+                "briefly (the paper heals in about one epoch) before relying on merged patches.")
+    steps, epochs = state.get("global_step"), state.get("epoch")
+    return (f"fine-tuned with APT for {steps} steps" + (f" ({epochs:.3g} epochs)" if isinstance(epochs, float | int)
+                                                         else "") + " (trainer_state.json).")
 
 
 def _recorded_base_model(model_dir: Path) -> str | None:

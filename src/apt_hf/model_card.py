@@ -156,7 +156,7 @@ def parse_lmms_eval_results(source: str | Path | Mapping[str, Any], argument: st
                 raise ValueError(f"{where}: expected results[{task!r}] keys like '<metric>,<filter>' "
                                  f"(e.g. 'exact_match,none'), got {key!r}")
             value = _number(raw)
-            if metric.endswith("_stderr") or value is None:
+            if "_stderr" in metric or value is None:  # stderr columns: "_stderr", and lmms-eval 0.7's "_stderr_clt"
                 continue
             stderr = _number(metrics.get(f"{metric}_stderr,{filter_key}"))
             shots = n_shot.get(task)
@@ -297,13 +297,15 @@ def render_model_card(
     options: CardOptions | None = None,
     *,
     eval_run: LmmsEvalRun | None = None,
+    training: str | None = None,
     template_path: str | Path | None = None,
 ) -> ModelCard:
     """The README.md of an APT checkpoint: metadata in ModelCardData, prose and tables from the kind's template.
 
     kind: "llava", "clip", "vit" or "vit_classifier"; settings: the APT fields (num_scales, thresholds, scorer,
     entropy_bins), patch_size, image_size and, for LLaVA, vision_feature_layout. `eval_run`: the parsed
-    `options.eval_results`, when the caller has parsed them already.
+    `options.eval_results`, when the caller has parsed them already. `training`: what the weights are (converted
+    only, or fine-tuned and how long), stated on the card.
     """
     options = options or CardOptions()
     eval_run = eval_run if eval_run is not None else options.eval_run()
@@ -349,6 +351,7 @@ def render_model_card(
         throughput_headers=throughput[0],
         throughput_rows=throughput[1],
         classifier=kind == "vit_classifier",
+        training=training,
         paper_title=PAPER_TITLE,
         paper_authors=PAPER_AUTHORS,
         paper_url=PAPER_URL,

@@ -534,7 +534,8 @@ class AptPreTrainedMixin:
             if "image_mean" not in apt_fields or "image_std" not in apt_fields:
                 apt_fields = {**_processor_stats(model_or_path, kwargs), **apt_fields}
         attn = attn_implementation if attn_implementation is not None else stock.config._attn_implementation
-        config = cls.config_class.from_stock_config(stock.config, **apt_fields, attn_implementation=attn)
+        config = cls.config_class.from_stock_config(stock.config, **apt_fields, attn_implementation=attn,
+                                                    base_model_name_or_path=stock.config.name_or_path or None)
         with torch.device("meta"):
             model = cls._build_like(config, stock)
         adopt_stock_weights(model, stock)

@@ -250,6 +250,7 @@ class AptLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 "text_config": stock.config.text_config._attn_implementation}
         config = AptLlavaConfig(**declared_settings(stock.config, AptLlavaConfig),
                                 vision_feature_layout=vision_feature_layout, attn_implementation=attn, **apt)
+        config.vision_config.base_model_name_or_path = stock.config.name_or_path or None  # for model cards
         with torch.device("meta"):
             model = cls(config)
         adopt_stock_weights(model, stock)
