@@ -552,3 +552,24 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tmp_path: Path,
     assert grads_padded.keys() == grads_flat.keys() and grads_padded
     for name, grad in grads_padded.items():
         torch.testing.assert_close(grads_flat[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_eval_split_summary_and_loss_curve(work: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """--eval_data_path gives eval_loss during training; the run starts with a summary and ends with a PNG."""
+    from apt_hf.training import main
+
+    out = work["root"] / "with_eval"
+    trainer = main(base_flags(work, out, "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2",
+                              "--eval_data_path", str(work["data"]), "--save_strategy", "no", "--use_cpu", "true"))
+    printed = capsys.readouterr().out
+    evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert len(evals) == 2 and all(torch.isfinite(torch.tensor(evals)))
+    summary = next(line for line in printed.splitlines() if line.startswith("training 16 samples"))
+    assert f"loss curve: {out / 'loss_curve.png'}" in printed
+    assert "with 14 images" in summary and "evaluating on 16" in summary and "converted to APT on the fly" in summary
+    assert "visual tokens kept" in summary and "apt 0." in summary and "language_model 0.00M" in summary
+    with Image.open(out / "loss_curve.png") as png:
+        assert png.size == (720, 420)
+        assert len(set(png.convert("RGB").getdata())) > 3  # axes, two curves, text: not a blank picture
+    with pytest.raises(ValueError, match="eval_strategy: 'steps' needs evaluation data; pass --eval_data_path"):
+        main(base_flags(work, work["root"] / "never", "--eval_strategy", "steps"))

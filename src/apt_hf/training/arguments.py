@@ -100,6 +100,11 @@ class DataArguments:
         metadata={"help": "LLaVA-format JSON / JSONL (mix665k schema), a saved datasets folder, a local data "
                           "file, or a hub dataset id with `messages` + `images` columns."},
     )
+    eval_data_path: str | None = field(
+        default=None,
+        metadata={"help": "Evaluation data in any form --data_path takes (same --image_folder); reports eval_loss "
+                          "at --eval_strategy steps / epoch."},
+    )
     image_folder: str | None = field(
         default=None, metadata={"help": "Folder the LLaVA-format `image` paths are relative to."}
     )
@@ -220,6 +225,10 @@ def check_args(model_args: ModelArguments, apt_args: AptArguments, data_args: Da
         raise ValueError("model_name_or_path: expected a LLaVA or APT-LLaVA hub id or path, got nothing")
     if not data_args.data_path:
         raise ValueError("data_path: expected a LLaVA-format JSON/JSONL file or a datasets id/path, got nothing")
+    eval_strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
+    if eval_strategy != "no" and not data_args.eval_data_path:
+        raise ValueError(f"eval_strategy: {eval_strategy!r} needs evaluation data; pass --eval_data_path (or "
+                         "--eval_strategy no)")
     parts = parse_trainable(model_args.trainable)
     if model_args.lora_r < 0:
         raise ValueError(f"lora_r: expected 0 (no LoRA) or a positive rank, got {model_args.lora_r}")

@@ -279,7 +279,7 @@ def _lazy_images(ds: Any) -> Any:
     return ds
 
 
-def _image_counts(ds: Any, column: str) -> list[int]:
+def image_counts(ds: Any, column: str) -> list[int]:
     """Images per row, from Arrow list lengths (no image bytes are turned into Python objects)."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -300,7 +300,7 @@ def _validate_datasets_dataset(ds: Any) -> None:
     if text_column is None:
         raise ValueError(f"data_path: expected a `messages` (or LLaVA `conversations`) column, got {sorted(columns)}")
     image_column = "images" if "images" in columns else "image" if "image" in columns else None
-    counts = _image_counts(ds, image_column) if image_column else [0] * len(ds)
+    counts = image_counts(ds, image_column) if image_column else [0] * len(ds)
     ids = list(ds["id"]) if "id" in columns else None
     i = 0
     for batch in ds.select_columns([text_column]).iter(batch_size=1024):

@@ -30,6 +30,7 @@ from .model import (
     sharding_backend,
 )
 from .packed_lm_attention import register as register_packed_sdpa
+from .report import run_summary, save_loss_curve
 
 logger = logging.getLogger("apt_hf.training")
 
@@ -193,6 +194,13 @@ def main(argv: list[str] | None = None) -> Trainer:
         sample_fraction=data_args.sample_fraction, max_samples=data_args.max_samples, seed=seed,
     )
     logger.info("training samples: %d from %s", len(dataset), data_args.data_path)
+    eval_dataset = None
+    if data_args.eval_data_path:
+        eval_dataset = load_training_dataset(data_args.eval_data_path, data_args.image_folder,
+                                             split=data_args.dataset_split, config=data_args.dataset_config)
+        training_args.prediction_loss_only = True  # eval_loss; logits of a whole eval set are not kept
+        if training_args.label_names is None:  # labels travel in **kwargs, where Trainer does not look for them
+            training_args.label_names = ["labels"]
     resume = resolve_resume(training_args)
     check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, resuming=resume is not None)
     if model_args.overwrite_output_dir and resume is None and training_args.process_index == 0:
@@ -201,7 +209,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     set_seed(training_args.seed)  # APT's new conv is randomly initialised at conversion: make it reproducible
     sharding = sharding_backend(training_args)
     dtype = resolve_dtype(model_args.dtype, training_args.bf16, training_args.fp16, sharding)
-    model, processor, _converted = load_model_and_processor(model_args, apt_args, dtype)
+    model, processor, converted = load_model_and_processor(model_args, apt_args, dtype)
     if data_args.padding_free and model.config.text_config._attn_implementation == "sdpa":
         # sdpa would attend over the whole flattened row; this runs it per sample (flash does so by itself)
         model.set_attn_implementation({"text_config": register_packed_sdpa()})
@@ -212,8 +220,10 @@ def main(argv: list[str] | None = None) -> Trainer:
                                     image_folder=data_args.image_folder, append_eos=data_args.append_eos,
                                     padding_free=data_args.padding_free, report_counts=True)
 
-    trainer = AptLlavaTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                              processing_class=processor)
+    if training_args.process_index == 0:  # printed: visible whatever --log_level says
+        print(run_summary(dataset, model, processor, converted, data_args.image_folder, eval_dataset), flush=True)
+    trainer = AptLlavaTrainer(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
+                              data_collator=collator, processing_class=processor)
     trainer.train(resume_from_checkpoint=resume)
     save_outputs(trainer, processor, model_args, apt_args, model_type)
     if hub is not None:
@@ -244,6 +254,9 @@ def save_outputs(trainer: Trainer, processor: Any, model_args: ModelArguments, a
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
         trainer.save_state()
+        curve = save_loss_curve(trainer.state.log_history, output_dir)
+        if curve is not None:
+            print(f"loss curve: {curve}", flush=True)
         logger.info("saved %s to %s", "adapter + merged model" if model_args.merge_lora else
                     "adapter" if model_args.lora_r else "model", output_dir)
     trainer.accelerator.wait_for_everyone()
