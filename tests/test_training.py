@@ -243,8 +243,12 @@ def test_lora_adapter_and_merged_model_load_back(work: dict[str, Path]) -> None:
     assert any("vision_tower" in k for k in keys), "APT's trained layers must be saved with the adapter"
 
     stock = LlavaForConditionalGeneration.from_pretrained(work["stock"])
-    base = AptLlavaForConditionalGeneration.from_llava(stock, vision_feature_layout="packed", thresholds=[5.75])
+    # the standard load: the base named in adapter_config.json (the on-the-fly conversion, saved beside the adapter)
+    assert config["base_model_name_or_path"] == str((adapter / "base").resolve())
+    base = AutoModelForImageTextToText.from_pretrained(config["base_model_name_or_path"], trust_remote_code=True)
     peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    card = (adapter / "README.md").read_text()
+    assert "PeftModel.from_pretrained(base" in card and "[More Information Needed]" not in card
     merged = load_trained(out)
     inputs = prompt_inputs(apt_processor(work["stock"], [5.75]), work["images"])
     expected = logits(peft_model, inputs)

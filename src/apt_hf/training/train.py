@@ -16,7 +16,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ExportableState
 
-from ..loading import checkpoint_model_type
+from ..configuration_apt import APT_FIELDS
+from ..loading import STOCK_MODEL_TYPE, checkpoint_model_type
+from .adapter import finish_adapter
 from .arguments import AptArguments, DataArguments, ModelArguments, parse_args
 from .checkpoints import check_output_dir, last_complete_checkpoint, missing_parts, remove_old_checkpoints
 from .collator import COUNT_KEYS, AptLlavaDataCollator
@@ -243,6 +245,7 @@ def save_outputs(trainer: Trainer, processor: Any, model_args: ModelArguments, a
         if trainer.is_world_process_zero():
             processor.save_pretrained(adapter_dir)
             save_training_info(adapter_dir, model_args, apt_args, model_type, layout)
+            _finish_adapter(adapter_dir, model_args, model_type, processor)
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
             merged = _merged_model(trainer, adapter_dir)
@@ -251,6 +254,8 @@ def save_outputs(trainer: Trainer, processor: Any, model_args: ModelArguments, a
         trainer.save_model(str(output_dir))
         if trainer.is_world_process_zero() and model_args.lora_r > 0:
             save_training_info(output_dir, model_args, apt_args, model_type, layout)
+            processor.save_pretrained(output_dir)
+            _finish_adapter(output_dir, model_args, model_type, processor)
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
         trainer.save_state()
@@ -260,6 +265,14 @@ def save_outputs(trainer: Trainer, processor: Any, model_args: ModelArguments, a
         logger.info("saved %s to %s", "adapter + merged model" if model_args.merge_lora else
                     "adapter" if model_args.lora_r else "model", output_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def _finish_adapter(adapter_dir: Path, model_args: ModelArguments, model_type: str, processor: Any) -> None:
+    """The adapter names its base (saved beside it when converted on the fly) and gets a card."""
+    fields = {name: getattr(processor.image_processor, name) for name in APT_FIELDS}
+    base = finish_adapter(adapter_dir, model_args.model_name_or_path, model_type == STOCK_MODEL_TYPE, processor,
+                          fields, processor.vision_feature_layout)
+    print(f"LoRA adapter in {adapter_dir}, base {base}", flush=True)
 
 
 def push_outputs(trainer: Trainer, hub: dict[str, Any]) -> None:
