@@ -162,3 +162,31 @@ def test_processed_images_are_the_8bit_pixels_the_model_sees(llava_batch: tuple,
                                   do_rescale=False, do_normalize=False)
     want = plain(Image.open(astronaut_file), return_tensors="pt")["pixel_values"][0]
     assert np.array_equal(np.asarray(rebuilt), want.round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def test_each_picture_mode_writes_a_png(tmp_path: Path, astronaut_file: Path) -> None:
+    """--vis_type grid / entropy / none and --sweep (one image, or a folder) each write a PNG a person can read."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, photo in load_photos(("astronaut.png", "coffee.png", "rocket.jpg")).items():
+        photo.save(folder / f"{name}.png")
+    cases = {"grid": ["--vis_type", "grid"], "entropy": ["--vis_type", "entropy"], "none": ["--vis_type", "none"],
+             "sweep": ["--sweep"], "sweep_folder": ["--sweep", "--input", str(folder)]}
+    for name, flags in cases.items():
+        out = tmp_path / f"{name}.png"
+        flags = flags if "--input" in flags else ["--input", str(astronaut_file), *flags]
+        proc = run_script(*flags, "--output", str(out))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        with Image.open(out) as png:
+            assert png.format == "PNG" and len(set(png.convert("RGB").getdata())) > 8, name
+    sweep = run_script("--input", str(folder), "--output", str(tmp_path / "s.png"), "--sweep").stdout
+    kept = [float(m) for m in re.findall(r": ([\d.]+)% of tokens kept", sweep)]
+    assert kept[0] == 100.0 and kept[-1] < kept[0] and kept == sorted(kept, reverse=True)  # fewer tokens as it rises
+
+
+def test_merged_regions_keep_the_photo_colours() -> None:
+    """Inside a merged token (outlines aside) the drawing's mean colour is within 10 levels of the photo's."""
+    sky = Image.new("RGB", (56, 56), (70, 130, 220))  # a blue sky: one merged 28px token per quadrant
+    drawn = np.asarray(draw_layout(sky, [1, 1, 1, 1], [(0, 0), (0, 2), (2, 0), (2, 2)], 14)).astype(float)
+    inside = drawn[2:26, 2:26].reshape(-1, 3).mean(0)
+    assert np.abs(inside - np.array([70, 130, 220])).max() <= 10, inside

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .patchify import PatchLayout, recover_uint8, unpack_base_patches
+from .patchify import PatchLayout, compute_layout, entropy_scores, recover_uint8, unpack_base_patches
 
 # Scale s -> RGB: white for the base grid, then warm-to-cool high-contrast colours for merged tokens.
 SCALE_COLOURS: tuple[tuple[int, int, int], ...] = (
@@ -44,15 +45,15 @@ def draw_layout(
     patch_size: int,
     *,
     line_width: int = 1,
-    fill_alpha: int = 40,
+    fill_alpha: int = 8,
     upscale: int = 1,
 ) -> Image.Image:
     """Return a copy of `image` with every token's square outlined in its scale's colour.
 
-    Merged tokens (scale >= 1) also get a translucent tint so large flat regions stand out, as in the
-    paper's figure 1. `upscale` enlarges the image first (nearest) so thin outlines stay readable on small
-    inputs. Outline pixels are exactly `scale_colour(scale)`; positions are (row, col) of the top-left
-    base cell, as in `PatchLayout`.
+    Merged tokens (scale >= 1) also get a faint tint (`fill_alpha` of 255: at most that many levels of colour
+    change, so a blue sky stays blue) on top of their coloured outlines, as in the paper's figure 1. `upscale`
+    enlarges the image first (nearest) so thin outlines stay readable on small inputs. Outline pixels are exactly
+    `scale_colour(scale)`; positions are (row, col) of the top-left base cell, as in `PatchLayout`.
     """
     if patch_size < 1 or upscale < 1 or line_width < 1:
         raise ValueError(f"patch_size, upscale, line_width: expected ints >= 1, got {patch_size}, {upscale}, "
@@ -216,3 +217,58 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, x_l
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
         draw.text((width - right - 160, top + 6 + 18 * i), name, fill=colour, font=font)
     return out
+
+
+# Dark blue -> teal -> yellow, as common perceptual colour maps run from low to high.
+HEAT_COLOURS = ((48, 18, 59), (40, 120, 190), (30, 180, 150), (160, 220, 60), (250, 230, 40))
+
+
+def _heat(value: float) -> tuple[int, int, int]:
+    """Colour of a value in [0, 1] on HEAT_COLOURS, linearly between its anchors."""
+    value = min(max(value, 0.0), 1.0) * (len(HEAT_COLOURS) - 1)
+    i = min(int(value), len(HEAT_COLOURS) - 2)
+    t = value - i
+    return tuple(round(a + (b - a) * t) for a, b in zip(HEAT_COLOURS[i], HEAT_COLOURS[i + 1], strict=True))
+
+
+def entropy_heatmap(image: Image.Image, patch_size: int, bins: int = 512, alpha: float = 0.6) -> Image.Image:
+    """The entropy (bits) of every base patch as a colour over the image, the quantity APT thresholds.
+
+    A title band gives the patch size and the range, and a colour bar maps colours to bits.
+    """
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)[None]
+    scores = entropy_scores(pixels, patch_size, [0], bins)[0][0]  # (rows, cols)
+    low, high = float(scores.min()), float(scores.max())
+    span = high - low if high > low else 1.0
+    overlay = Image.new("RGB", image.size)
+    draw = ImageDraw.Draw(overlay)
+    for (r, c), value in zip(torch.cartesian_prod(torch.arange(scores.shape[0]), torch.arange(scores.shape[1]))
+                             .tolist(), scores.flatten().tolist(), strict=True):
+        draw.rectangle((c * patch_size, r * patch_size, (c + 1) * patch_size - 1, (r + 1) * patch_size - 1),
+                       fill=_heat((value - low) / span))
+    blended = Image.blend(image.convert("RGB"), overlay, alpha)
+    bar = Image.new("RGB", (blended.width, max(12, blended.height // 24)))
+    bar_draw = ImageDraw.Draw(bar)
+    for x in range(bar.width):
+        bar_draw.line((x, 0, x, bar.height), fill=_heat(x / max(bar.width - 1, 1)))
+    panel = Image.new("RGB", (blended.width, blended.height + bar.height))
+    panel.paste(blended, (0, 0))
+    panel.paste(bar, (0, blended.height))
+    return add_header([panel], [f"entropy per {patch_size}px patch: {low:.2f} (dark) ... {high:.2f} bits (yellow)"])
+
+
+def threshold_sweep(images: Sequence[Image.Image], patch_size: int, num_scales: int, thresholds: Sequence[float],
+                    offsets: Sequence[float], scorer: str = "entropy", bins: int = 512) -> list[tuple[float, float]]:
+    """(first threshold, % of tokens kept) when every threshold is shifted by each offset, over all images.
+
+    The images must already be as the model sees them (same size); for S=2 this sweeps the threshold itself.
+    """
+    pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+                          for im in images])
+    rows, cols = pixels.shape[-2] // patch_size, pixels.shape[-1] // patch_size
+    points = []
+    for offset in offsets:
+        shifted = [t + offset for t in thresholds]
+        layout = compute_layout(pixels, patch_size, num_scales, shifted, scorer, bins)
+        points.append((shifted[0], 100 * float(layout.tokens_per_image.sum()) / (len(images) * rows * cols)))
+    return points
