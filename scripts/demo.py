@@ -25,12 +25,14 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
 from apt_hf import AptCLIPVisionModel, AptImageProcessor, AptLlavaForConditionalGeneration, AptLlavaProcessor
+from apt_hf.patchify import default_thresholds
 from apt_hf.sample_images import load_photos
 from apt_hf.tiny import build_tiny_llava, tiny_vision_config
 from apt_hf.visualization import processed_images, side_by_side, split_layout
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"llava15_s2": (2, [5.75]), "paper_s3": (3, [5.5, 4.0])}
+LLAVA_THRESHOLDS = default_thresholds(2, llava=True)  # LLaVA-1.5 at 336/14: [5.75]
+SETTINGS = {"llava15_s2": (2, LLAVA_THRESHOLDS), "paper_s3": (3, default_thresholds(3))}
 
 
 def patch_layouts(output_dir: Path) -> None:
@@ -65,7 +67,7 @@ def vision_tower() -> None:
         photos, return_tensors="pt")
     with torch.no_grad():
         expected = stock(**stock_inputs).pooler_output
-    for thresholds in ([-1], [5.75]):
+    for thresholds in ([-1], LLAVA_THRESHOLDS):
         apt = AptCLIPVisionModel.from_clip(stock, thresholds=thresholds).eval()
         processor = AptImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                       thresholds=thresholds)
@@ -94,9 +96,10 @@ def llava(output_dir: Path) -> Path:
     answer, visual_tokens = chat(stock, stock_processor, photo, "What is in the cup?")
     print(f"stock LLaVA: {visual_tokens} visual tokens, answer {answer!r}")
     for layout in ("packed", "grid"):
-        model = AptLlavaForConditionalGeneration.from_llava(stock, vision_feature_layout=layout, thresholds=[5.75])
+        model = AptLlavaForConditionalGeneration.from_llava(stock, vision_feature_layout=layout,
+                                                            thresholds=LLAVA_THRESHOLDS)
         processor = AptLlavaProcessor.from_llava_processor(stock_processor, vision_feature_layout=layout,
-                                                           thresholds=[5.75])
+                                                           thresholds=LLAVA_THRESHOLDS)
         answer, visual_tokens = chat(model, processor, photo, "What is in the cup?")
         print(f"APT-LLaVA ({layout}): {visual_tokens} visual tokens (stock 576), answer {answer!r}")
         if layout == "packed":

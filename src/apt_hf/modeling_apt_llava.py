@@ -158,10 +158,6 @@ class AptLlavaModel(LlavaModel):
             patch_scales=patch_scales, patch_positions=patch_positions, tokens_per_image=tokens_per_image,
             image_grid_hw=image_grid_hw,
         )
-        has_images = mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None
-        if not has_images and input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
-            raise ValueError("input_ids: the text has <image> tokens but no images were given; pass pixel_values and "
-                             "the layout keys the processor returned (model(**processor(images=..., text=...)))")
         return super().forward(input_ids=input_ids, vision_feature_layer=vision_feature_layer,
                                vision_feature_select_strategy=vision_feature_select_strategy,
                                mm_encoder_outputs=mm_encoder_outputs, **kwargs)
