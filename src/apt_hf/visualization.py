@@ -223,12 +223,13 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, x_l
 HEAT_COLOURS = ((48, 18, 59), (40, 120, 190), (30, 180, 150), (160, 220, 60), (250, 230, 40))
 
 
-def _heat(value: float) -> tuple[int, int, int]:
-    """Colour of a value in [0, 1] on HEAT_COLOURS, linearly between its anchors."""
-    value = min(max(value, 0.0), 1.0) * (len(HEAT_COLOURS) - 1)
-    i = min(int(value), len(HEAT_COLOURS) - 2)
-    t = value - i
-    return tuple(round(a + (b - a) * t) for a, b in zip(HEAT_COLOURS[i], HEAT_COLOURS[i + 1], strict=True))
+def _heat(values: np.ndarray) -> np.ndarray:
+    """uint8 RGB colours of values in [0, 1] on HEAT_COLOURS, linearly between its anchors (vectorised)."""
+    anchors = np.asarray(HEAT_COLOURS, dtype=np.float64)
+    position = np.clip(values, 0.0, 1.0) * (len(anchors) - 1)
+    i = np.minimum(position.astype(int), len(anchors) - 2)
+    t = (position - i)[..., None]
+    return np.round(anchors[i] + (anchors[i + 1] - anchors[i]) * t).astype(np.uint8)
 
 
 def entropy_heatmap(image: Image.Image, patch_size: int, bins: int = 512, alpha: float = 0.6) -> Image.Image:
@@ -237,23 +238,19 @@ def entropy_heatmap(image: Image.Image, patch_size: int, bins: int = 512, alpha:
     A title band gives the patch size and the range, and a colour bar maps colours to bits.
     """
     pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)[None]
-    scores = entropy_scores(pixels, patch_size, [0], bins)[0][0]  # (rows, cols)
+    scores = entropy_scores(pixels, patch_size, [0], bins)[0][0].numpy()  # (rows, cols)
     low, high = float(scores.min()), float(scores.max())
     span = high - low if high > low else 1.0
+    rows, cols = scores.shape
+    cells = Image.fromarray(_heat((scores - low) / span))  # one pixel per patch, scaled up below
     overlay = Image.new("RGB", image.size)
-    draw = ImageDraw.Draw(overlay)
-    for (r, c), value in zip(torch.cartesian_prod(torch.arange(scores.shape[0]), torch.arange(scores.shape[1]))
-                             .tolist(), scores.flatten().tolist(), strict=True):
-        draw.rectangle((c * patch_size, r * patch_size, (c + 1) * patch_size - 1, (r + 1) * patch_size - 1),
-                       fill=_heat((value - low) / span))
+    overlay.paste(cells.resize((cols * patch_size, rows * patch_size), Image.Resampling.NEAREST))
     blended = Image.blend(image.convert("RGB"), overlay, alpha)
-    bar = Image.new("RGB", (blended.width, max(12, blended.height // 24)))
-    bar_draw = ImageDraw.Draw(bar)
-    for x in range(bar.width):
-        bar_draw.line((x, 0, x, bar.height), fill=_heat(x / max(bar.width - 1, 1)))
-    panel = Image.new("RGB", (blended.width, blended.height + bar.height))
+    bar_height = max(12, blended.height // 24)
+    ramp = _heat(np.linspace(0.0, 1.0, blended.width))[None].repeat(bar_height, axis=0)
+    panel = Image.new("RGB", (blended.width, blended.height + bar_height))
     panel.paste(blended, (0, 0))
-    panel.paste(bar, (0, blended.height))
+    panel.paste(Image.fromarray(ramp), (0, blended.height))
     return add_header([panel], [f"entropy per {patch_size}px patch: {low:.2f} (dark) ... {high:.2f} bits (yellow)"])
 
 
