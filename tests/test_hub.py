@@ -5,6 +5,7 @@ up to the HTTP boundary (the Hub is unreachable here: huggingface_hub's own clie
 from __future__ import annotations
 
 import base64
+import copy
 import importlib.util
 import json
 import logging
@@ -444,6 +445,25 @@ def test_python_push_to_hub_sends_the_same_remote_code(fake_hub, llava, llava_dr
     for name in ("config.json", "processor_config.json"):
         assert json.loads(sent[name])["auto_map"] == json.loads((llava_dry_run / name).read_text())["auto_map"]
     assert not [p for p in sent if p.endswith(PICKLE_SUFFIXES)]
+
+
+def test_python_push_to_hub_writes_the_script_card(fake_hub, vision, vision_dry_runs):
+    """model.push_to_hub gives the card scripts/push_to_hub.py writes (not transformers' generic one), and says so
+    when APT's layers were trained outside a Trainer run."""
+    _, clip, _, _ = vision
+    clip.push_to_hub("me/apt-clip", commit_message="python push")
+    sent = fake_hub.committed()
+    assert sent["README.md"] == (vision_dry_runs / "clip" / "README.md").read_bytes()
+    assert "not fine-tuned" in sent["README.md"].decode()
+    assert fake_hub.commits[-1][0]["value"]["summary"] == "python push"
+    assert {p for p in sent if p.endswith(".py")} and "preprocessor_config.json" not in sent  # model files only
+
+    trained = copy.deepcopy(clip)
+    with torch.no_grad():
+        next(trained.embeddings.zero_mlp.parameters()).add_(0.01)
+    trained.push_to_hub("me/apt-clip")
+    card = fake_hub.committed()["README.md"].decode()
+    assert "zero-initialised layers hold trained" in card and "not fine-tuned" not in card
 
 
 def test_public_upload_leaves_visibility_to_the_account(fake_hub, vision):

@@ -274,13 +274,39 @@ def test_half_precision_runs(photos, dtype):
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
 
 
-def test_compiled_encoder_matches_eager(photos):
-    apt = AptCLIPVisionModel.from_clip(stock_clip(), **MERGING)
-    batches = [dense_and_packed(photos[i:i + 2], CLIP_SIZE, **MERGING)[1] for i in (0, 2)]
+@pytest.mark.parametrize("kind", ["clip", "vit_classifier"])
+def test_compiled_model_does_not_recompile_for_new_token_counts(kind):
+    """torch.compile(model, dynamic=True): a batch with other token counts reuses the graphs, and the only graph
+    breaks are the two documented boundaries (embedding/packing and attention, both outside compilation)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    photos = list(load_photos().values())
+    if kind == "clip":
+        apt, sizes = AptCLIPVisionModel.from_clip(stock_clip(), **MERGING), CLIP_SIZE
+    else:
+        torch.manual_seed(0)
+        stock = ViTForImageClassification(ViTConfig(**TINY, image_size=64, patch_size=8, num_labels=3)).eval()
+        apt, sizes = AptViTForImageClassification.from_vit(stock, **MERGING).eval(), CLIP_SIZE
+    batches = [dense_and_packed(photos[i:i + 3], sizes, **MERGING)[1] for i in (0, 3, 6)]
+    counts = [b["tokens_per_image"].tolist() for b in batches]
+    assert len({str(c) for c in counts}) == 3 and all(sum(c) != sum(counts[0]) for c in counts[1:])
+    assert all(int((b["patch_scales"] > 0).sum()) > 0 for b in batches)  # every batch merges
+    torch._dynamo.reset()
+    counters.clear()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(apt, backend=counter, dynamic=True)
+    output = "last_hidden_state" if kind == "clip" else "logits"
     with torch.no_grad():
-        want = [apt(**b).last_hidden_state for b in batches]
-        apt.encoder = torch.compile(apt.encoder, backend="aot_eager", dynamic=True)
-        got = [apt(**b).last_hidden_state for b in batches]
+        want = [apt(**b)[output] for b in batches]
+        got = [compiled(**batches[0])[output]]
+        frames_after_first = counter.frame_count
+        got += [compiled(**b)[output] for b in batches[1:]]
+    assert frames_after_first > 0 and counter.frame_count == frames_after_first, "recompiled for new token counts"
+    assert not counters["recompiles"]
+    breaks = list(counters["graph_break"])
+    assert breaks and all("torch.compiler.disable" in reason for reason in breaks), breaks
+    assert all(name in " ".join(breaks) for name in ("_embed_packed", "packed_attention"))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
 

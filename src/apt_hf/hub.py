@@ -221,9 +221,11 @@ def _image_processor_config(model_dir: Path) -> tuple[dict[str, Any] | None, str
     return None, None
 
 
-def _check_processor(model_dir: Path, kind: str) -> dict[str, Any]:
-    """Refuse a folder without an APT processor; return the image processor settings."""
+def _check_processor(model_dir: Path, kind: str, required: bool = True) -> dict[str, Any]:
+    """Refuse a folder without an APT processor (unless not `required`); return the image processor settings."""
     image_processor, _ = _image_processor_config(model_dir)
+    if image_processor is None and not required:
+        return {}
     save_hint = ("AptLlavaProcessor.from_llava_processor(...).save_pretrained(model_dir)" if kind == "llava"
                  else "AptImageProcessor(...).save_pretrained(model_dir)")
     if image_processor is None:
@@ -258,7 +260,7 @@ def _apt_settings(model_dir: Path, config: dict[str, Any], kind: str, image_proc
         if name in image_processor and image_processor[name] != settings[name]:
             raise ValueError(f"model_dir: the processor's {name} ({image_processor[name]!r}) differs from the model "
                              f"config's ({settings[name]!r}); save both with the same APT settings")
-    _check_reload(model_dir, settings)
+    _check_reload(model_dir, settings, with_processor=bool(image_processor))
     if kind == "llava":
         settings["vision_feature_layout"] = config.get("vision_feature_layout", "packed")
         processor_layout = processor.get("vision_feature_layout", settings["vision_feature_layout"])
@@ -268,16 +270,17 @@ def _apt_settings(model_dir: Path, config: dict[str, Any], kind: str, image_proc
     return settings
 
 
-def _check_reload(model_dir: Path, saved: dict[str, Any]) -> None:
+def _check_reload(model_dir: Path, saved: dict[str, Any], with_processor: bool = True) -> None:
     """Load the folder's config and image processor as a user will, and refuse APT fields that do not survive."""
     from transformers import AutoConfig
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     config = AutoConfig.from_pretrained(model_dir)
-    vision = getattr(config, "vision_config", config)
-    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    loaded_objects = [("config", getattr(config, "vision_config", config))]
+    if with_processor:
+        loaded_objects.append(("image processor", AutoImageProcessor.from_pretrained(model_dir)))
     for name in APT_FIELDS:
-        for where, loaded in (("config", getattr(vision, name)), ("image processor", getattr(image_processor, name))):
+        for where, loaded in ((where, getattr(obj, name)) for where, obj in loaded_objects):
             if saved[name] is not None and loaded != saved[name]:
                 raise ValueError(f"model_dir: {name} is saved as {saved[name]!r} but the {where} reloads with "
                                  f"{loaded!r}; re-save the folder with this apt_hf version")
@@ -382,23 +385,24 @@ def _inspect_weights(model_dir: Path, max_shard_bytes: int, max_shard_size: str 
     return names, None
 
 
-def _complete_auto_maps(model_dir: Path, config: dict[str, Any], kind: str, card_kind: str, notes: list[str]
-                        ) -> tuple[dict[str, dict[str, Any]], set[str], dict[str, str]]:
+def _complete_auto_maps(model_dir: Path, config: dict[str, Any], kind: str, card_kind: str, notes: list[str],
+                        with_processor: bool = True) -> tuple[dict[str, dict[str, Any]], set[str], dict[str, str]]:
     """The JSON files that carry auto_map, with missing Auto classes added: (contents, names of the files that
     changed, Auto class -> "target (file)")."""
     json_files: dict[str, dict[str, Any]] = {"config.json": config}
     for name in (PROCESSOR_FILE, IMAGE_PROCESSOR_FILE, TOKENIZER_CONFIG):
         if (model_dir / name).is_file():
             json_files[name] = _read_json(model_dir / name, "processor")
-    if kind == "llava" and PROCESSOR_FILE not in json_files:
-        raise ValueError(f"model_dir: no {PROCESSOR_FILE} in {model_dir}; save the processor with "
-                         "AptLlavaProcessor.save_pretrained(model_dir)")
-    image_file = IMAGE_PROCESSOR_FILE if IMAGE_PROCESSOR_FILE in json_files else PROCESSOR_FILE
-    image_config = json_files[image_file] if image_file == IMAGE_PROCESSOR_FILE \
-        else json_files[PROCESSOR_FILE]["image_processor"]
-    wanted = [("config.json", config, MODEL_AUTO_MAP[card_kind]),
-              (image_file, image_config, {"AutoImageProcessor": IMAGE_PROCESSOR_TARGET})]
-    if kind == "llava":
+    wanted = [("config.json", config, MODEL_AUTO_MAP[card_kind])]
+    if with_processor:
+        if kind == "llava" and PROCESSOR_FILE not in json_files:
+            raise ValueError(f"model_dir: no {PROCESSOR_FILE} in {model_dir}; save the processor with "
+                             "AptLlavaProcessor.save_pretrained(model_dir)")
+        image_file = IMAGE_PROCESSOR_FILE if IMAGE_PROCESSOR_FILE in json_files else PROCESSOR_FILE
+        image_config = json_files[image_file] if image_file == IMAGE_PROCESSOR_FILE \
+            else json_files[PROCESSOR_FILE]["image_processor"]
+        wanted.append((image_file, image_config, {"AutoImageProcessor": IMAGE_PROCESSOR_TARGET}))
+    if with_processor and kind == "llava":
         wanted.append((PROCESSOR_FILE, json_files[PROCESSOR_FILE], {"AutoProcessor": PROCESSOR_TARGET}))
     changed, summary = set(), {}
     for name, data, required in wanted:
@@ -443,9 +447,13 @@ def collect_upload_set(
     repo_id: str,
     card: CardOptions | None = None,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    require_processor: bool = True,
 ) -> UploadSet:
     """Check `model_dir` and list what its repository holds; generated files (card, patched JSON, re-saved
     weights) are written to `work_dir`, which must outlive the returned UploadSet.
+
+    `require_processor=False` accepts a model-only folder (as `model.push_to_hub` saves one); the processor is then
+    pushed on its own, as transformers users do.
 
     Raises ValueError naming the argument for a folder without weights or processor, a repo id that is not
     `namespace/name`, eval results that are not lmms-eval's results JSON, and the other checks of this module.
@@ -458,11 +466,15 @@ def collect_upload_set(
     max_shard_bytes = _shard_bytes(max_shard_size)
     config, kind, card_kind = _read_model_config(model_dir)
     weight_names, resave_reason = _inspect_weights(model_dir, max_shard_bytes, max_shard_size)
-    image_processor = _check_processor(model_dir, kind)
+    image_processor = _check_processor(model_dir, kind, required=require_processor)
     processor = _read_json(model_dir / PROCESSOR_FILE, "processor") if (model_dir / PROCESSOR_FILE).is_file() else {}
     settings = _apt_settings(model_dir, config, kind, image_processor, processor)
     notes: list[str] = []
-    json_files, changed, auto_map = _complete_auto_maps(model_dir, config, kind, card_kind, notes)
+    if not image_processor:
+        notes.append("no processor in the folder: push it too (processor.push_to_hub(repo_id)) so that "
+                     "AutoProcessor / AutoImageProcessor load it")
+    json_files, changed, auto_map = _complete_auto_maps(model_dir, config, kind, card_kind, notes,
+                                                        with_processor=bool(image_processor))
     code_dir, code_files = _remote_code(model_dir, json_files, notes)
     card_options = dataclasses.replace(
         card_options, base_model=card_options.base_model or _recorded_base_model(model_dir) or _hub_id(
@@ -471,7 +483,7 @@ def collect_upload_set(
                              training=_training_summary(model_dir))
     if eval_run is not None and eval_run.limit not in (None, 0):
         notes.append(f"eval_results: lmms-eval ran with --limit {eval_run.limit}; the card says so")
-    if kind == "llava" and not _has_chat_template(model_dir):
+    if kind == "llava" and image_processor and not _has_chat_template(model_dir):
         notes.append("no chat template in the processor: users must write LLaVA prompts by hand")
 
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -550,16 +562,41 @@ def _hub_id(value: Any) -> str | None:
 
 
 def _training_summary(model_dir: Path) -> str:
-    """What the card says the weights are: fine-tuned (from trainer_state.json) or converted only."""
+    """What the card says the weights are: fine-tuned (trainer_state.json), APT layers trained (a non-zero
+    zero-MLP in the weights, when no trainer state recorded the run) or converted only."""
     try:
         state = json.loads((model_dir / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return ("converted from the stock weights and not fine-tuned: APT's new layers are at their initial values "
-                "(the zero-MLP outputs zero), so a merged patch is embedded from its resized pixels only. Fine-tune "
-                "briefly (the paper heals in about one epoch) before relying on merged patches.")
-    steps, epochs = state.get("global_step"), state.get("epoch")
-    return (f"fine-tuned with APT for {steps} steps" + (f" ({epochs:.3g} epochs)" if isinstance(epochs, float | int)
-                                                         else "") + " (trainer_state.json).")
+        state = None
+    if state is not None:
+        steps, epochs = state.get("global_step"), state.get("epoch")
+        return (f"fine-tuned with APT for {steps} steps" + (f" ({epochs:.3g} epochs)" if isinstance(epochs, float | int)
+                                                             else "") + " (trainer_state.json).")
+    trained = _apt_layers_trained(model_dir)
+    if trained is None:
+        return ("not recorded: the folder has no trainer_state.json and no safetensors weights to inspect, so "
+                "whether APT's new layers were fine-tuned is unknown.")
+    if trained:
+        return ("fine-tuned: APT's zero-initialised layers hold trained (non-zero) weights; no trainer_state.json "
+                "records how long.")
+    return ("converted from the stock weights and not fine-tuned: APT's new layers are at their initial values "
+            "(the zero-MLP outputs zero), so a merged patch is embedded from its resized pixels only. Fine-tune "
+            "briefly (the paper heals in about one epoch) before relying on merged patches.")
+
+
+def _apt_layers_trained(model_dir: Path) -> bool | None:
+    """Whether any zero-MLP weight is non-zero (reads only those tensors); None without safetensors weights."""
+    from safetensors import safe_open
+
+    files = _safetensors_files(model_dir)
+    if not files:
+        return None
+    for name in files:
+        with safe_open(str(model_dir / name), framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if ".zero_mlp." in key and bool(weights.get_tensor(key).any()):
+                    return True
+    return False
 
 
 def _recorded_base_model(model_dir: Path) -> str | None:
@@ -602,9 +639,11 @@ def upload(
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
+    commit_description: str | None = None,
+    create_pr: bool = False,
     api: HfApi | None = None,
 ) -> CommitInfo:
-    """Create the repository (if needed) and the branch, and commit the upload set in one commit.
+    """Create the repository (if needed) and the branch, and commit the upload set in one commit (or open a PR).
 
     Stale weight files of an earlier push (other shards, pickles) are deleted in the same commit, so the
     repository never mixes two checkpoints. `private` only applies when the repository is created.
@@ -623,7 +662,8 @@ def upload(
                              for f in upload_set.files]
     operations += [CommitOperationDelete(path_in_repo=path) for path in _stale_weights(api, upload_set, revision)]
     return api.create_commit(repo_id, operations, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-                             revision=revision, repo_type="model")
+                             commit_description=commit_description, revision=revision, create_pr=create_pr,
+                             repo_type="model")
 
 
 def _stale_weights(api: HfApi, upload_set: UploadSet, revision: str | None) -> list[str]:
@@ -683,6 +723,34 @@ def publish(
         return PublishResult(upload_set, commit=commit)
 
 
+def push_model_to_hub(
+    model: Any,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    tags: list[str] | None = None,
+    card: CardOptions | None = None,
+) -> CommitInfo:
+    """`model.push_to_hub(...)` for APT models: transformers' arguments, the model card `scripts/push_to_hub.py`
+    writes (APT settings, usage, what the weights are), and the same checks. The processor is pushed on its own."""
+    if tags:
+        logger.info("push_to_hub: tags %s are not added; the card carries APT's own tags", tags)
+    api = HfApi(token=token) if isinstance(token, str) else HfApi()
+    with tempfile.TemporaryDirectory(prefix="apt_hf_push_") as save_dir, \
+            tempfile.TemporaryDirectory(prefix="apt_hf_upload_") as work_dir:
+        model.save_pretrained(save_dir, max_shard_size=max_shard_size)
+        upload_set = collect_upload_set(save_dir, work_dir, repo_id=repo_id, card=card, max_shard_size=max_shard_size,
+                                        require_processor=False)
+        return upload(upload_set, private=private, revision=revision, commit_message=commit_message,
+                      commit_description=commit_description, create_pr=create_pr, api=api)
+
+
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
     "PublishResult",
@@ -690,6 +758,7 @@ __all__ = [
     "UploadSet",
     "collect_upload_set",
     "publish",
+    "push_model_to_hub",
     "upload",
     "validate_repo_id",
     "write_upload_folder",

@@ -10,9 +10,9 @@ Part of the remote-code set: imports only torch, transformers and sibling module
 """
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,8 @@ from .packed_attention import (
     APT_PACKED,
     APT_VARLEN,
     INSTALL_HINTS,
+    PackedSequences,
     default_attn_implementation,
-    packed_attention_kwargs,
     varlen_problem,
 )
 from .patchify import (
@@ -455,11 +455,27 @@ def adopt_stock_weights(model: nn.Module, stock: nn.Module) -> None:
             init_apt_layer(module)
 
 
-class AptPreTrainedMixin:
+class AptHubMixin:
+    """`push_to_hub` with APT's model card (settings, usage, speed), the one `scripts/push_to_hub.py` writes.
+
+    The card is rendered by apt_hf, which sets `publisher` on import; remote code loaded where apt_hf is not
+    installed has no card renderer and keeps transformers' generic card.
+    """
+
+    publisher: ClassVar[Callable[..., Any] | None] = None
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        publisher = AptHubMixin.publisher
+        if publisher is None:
+            return super().push_to_hub(repo_id, **kwargs)
+        return publisher(self, repo_id, **kwargs)
+
+
+class AptPreTrainedMixin(AptHubMixin):
     """What every APT model adds to its stock PreTrainedModel: attention checks, init, conversion, saving."""
 
     _stock_class: type[PreTrainedModel] | None = None
-    _can_compile_fullgraph = False  # data-dependent packing; compile the encoder layers (see README)
+    _can_compile_fullgraph = False  # embedding/packing and attention run outside graphs (see _embed_packed)
     _apt_auto_classes: tuple[str, ...] = ("AutoModel",)
 
     # -- attention implementation ------------------------------------------------------------------------------
@@ -496,9 +512,6 @@ class AptPreTrainedMixin:
             return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
         except ImportError as err:
             raise _unavailable(attn_implementation, err) from err
-
-    def _packed_attention_kwargs(self, cu_seqlens: torch.Tensor, hidden: torch.Tensor) -> tuple[Any, dict[str, Any]]:
-        return packed_attention_kwargs(cu_seqlens, self.config._attn_implementation or "sdpa", hidden.device)
 
     # -- weights ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -626,17 +639,26 @@ def _check_no_attentions(kwargs: dict[str, Any]) -> None:
                          "attends to all of its own tokens; per-image attention maps are not returned)")
 
 
+@torch.compiler.disable
 def _embed_packed(
-    embeddings: AptPatchEmbeddings,
+    model: "AptPreTrainedMixin",
     pixel_values: torch.Tensor | None,
     layout_inputs: dict[str, Any],
     interpolate_pos_encoding: bool | None,
-) -> tuple[torch.Tensor, PatchLayout, torch.Tensor]:
-    """Inputs -> (packed embeddings (1, L, D), layout, cu_seqlens int32)."""
+) -> tuple[torch.Tensor, PatchLayout, torch.Tensor, PackedSequences]:
+    """Inputs -> (packed embeddings (1, L, D), layout, cu_seqlens int32, the attention's packing).
+
+    Everything whose shapes depend on the data (validation, scoring, the per-scale gathers, the packing's host-side
+    bookkeeping) happens here, outside torch.compile graphs: the encoder layers after it then see only (1, L, D)
+    states with a dynamic L, and a compiled model does not recompile when the token counts change.
+    """
+    embeddings = model.embeddings
     base, layout = embeddings.prepare_inputs(pixel_values, layout_inputs, interpolate_pos_encoding)
     lengths = layout.tokens_per_image + 1
     cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-    return embeddings(base, layout)[None], layout, cu_seqlens
+    hidden = embeddings(base, layout)[None]
+    packing = PackedSequences(cu_seqlens, model.config._attn_implementation or "sdpa", hidden.device)
+    return hidden, layout, cu_seqlens, packing
 
 
 class AptVisionModelMixin(AptPreTrainedMixin):
@@ -661,14 +683,12 @@ class AptVisionModelMixin(AptPreTrainedMixin):
         _check_no_attentions(kwargs)
         layout_inputs = dict(zip(PatchLayout.KEYS, (patch_scales, patch_positions, tokens_per_image, image_grid_hw),
                                  strict=True))
-        hidden, layout, cu_seqlens = _embed_packed(self.embeddings, pixel_values, layout_inputs,
-                                                   interpolate_pos_encoding)
-        mask, attn_kwargs = self._packed_attention_kwargs(cu_seqlens, hidden)
-        last_hidden_state, pooled = self._encode_and_pool(hidden, mask, cu_seqlens, **attn_kwargs, **kwargs)
+        hidden, layout, cu_seqlens, packing = _embed_packed(self, pixel_values, layout_inputs, interpolate_pos_encoding)
+        last_hidden_state, pooled = self._encode_and_pool(hidden, cu_seqlens, apt_packing=packing, **kwargs)
         return AptModelOutput(last_hidden_state=last_hidden_state, pooler_output=pooled,
                               **_layout_fields(layout, cu_seqlens))
 
-    def _encode_and_pool(self, hidden: torch.Tensor, mask: Any, cu_seqlens: torch.Tensor,
+    def _encode_and_pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
                          **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Packed embeddings (1, L, D) -> (last_hidden_state, pooler_output), as the stock model computes them."""
         raise NotImplementedError
@@ -714,9 +734,9 @@ class AptCLIPVisionModel(AptVisionModelMixin, CLIPPreTrainedModel):
         raise ValueError(f"{cls.__name__}.from_clip: expected a CLIPVisionModel, a CLIP model with .vision_model, a "
                          f"path or a hub id, got {type(model).__name__}")
 
-    def _encode_and_pool(self, hidden: torch.Tensor, mask: Any, cu_seqlens: torch.Tensor,
+    def _encode_and_pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
                          **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        states = self.encoder(inputs_embeds=self.pre_layrnorm(hidden), attention_mask=mask, **kwargs).last_hidden_state
+        states = self.encoder(inputs_embeds=self.pre_layrnorm(hidden), **kwargs).last_hidden_state
         return states, self.post_layernorm(states[0, _cls_rows(cu_seqlens)])
 
 
@@ -760,10 +780,10 @@ class AptViTModel(AptVisionModelMixin, ViTPreTrainedModel):
     def _build_like(cls, config: Any, stock: PreTrainedModel) -> PreTrainedModel:
         return cls(config, add_pooling_layer=stock.pooler is not None)
 
-    def _encode_and_pool(self, hidden: torch.Tensor, mask: Any, cu_seqlens: torch.Tensor,
+    def _encode_and_pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
                          **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         for layer in self.layers:
-            hidden = layer(hidden, mask, **kwargs)
+            hidden = layer(hidden, None, **kwargs)
         states = self.layernorm(hidden)
         cls_states = states[:, _cls_rows(cu_seqlens)]  # (1, B, D)
         return states, self.pooler(cls_states.transpose(0, 1)) if self.pooler is not None else None
@@ -840,6 +860,7 @@ __all__ = [
     "AptViTModel",
     "AptViTForImageClassification",
     "AptPatchEmbeddings",
+    "AptHubMixin",
     "AptModelOutput",
     "AptImageClassifierOutput",
     "split_per_image",

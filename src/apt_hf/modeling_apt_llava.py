@@ -25,6 +25,7 @@ from transformers.models.llava.modeling_llava import LlavaModel, LlavaMultiModal
 from .configuration_apt import APT_SETTINGS, AptLlavaConfig, declared_settings
 from .modeling_apt import (
     AptCLIPVisionModel,
+    AptHubMixin,
     _processor_stats,
     add_auto_map,
     adopt_stock_weights,
@@ -37,7 +38,7 @@ from .patchify import PatchLayout
 MODEL_PARTS = ("apt", "projector", "language_model", "vision_tower")
 
 
-class AptLlavaModel(LlavaModel):
+class AptLlavaModel(AptHubMixin, LlavaModel):
     """`LlavaModel` whose tower is an `AptCLIPVisionModel`; only image feature extraction differs."""
 
     config_class = AptLlavaConfig
@@ -163,7 +164,7 @@ class AptLlavaModel(LlavaModel):
                                mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 
 
-class AptLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class AptLlavaForConditionalGeneration(AptHubMixin, LlavaForConditionalGeneration):
     """LLaVA-1.5 with APT as its vision tower; generation, loss and caching are transformers' own."""
 
     config_class = AptLlavaConfig

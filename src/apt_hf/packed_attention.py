@@ -2,7 +2,7 @@
 
 The stock encoder layers dispatch through transformers' `AttentionInterface` to `packed_attention` (registered as
 "apt_packed"), which runs the backend the user chose (`model.config._attn_implementation`) over the packing the
-model computed once per forward (`packed_attention_kwargs`). Never a dense mask over the whole batch:
+model computed once per forward (`PackedSequences`). Never a dense mask over the whole batch:
 eager / sdpa run once per run of equal-length images, flex_attention gets a document BlockMask built at block
 level, flash-attention 2/3 and torch's varlen kernel ("apt_varlen") take cu_seqlens.
 
@@ -135,10 +135,7 @@ def packed_attention(
     attention_mask: Any,
     scaling: float | None = None,
     dropout: float = 0.0,
-    apt_attn_implementation: str | None = None,
-    apt_cu_seqlens: torch.Tensor | None = None,
-    apt_max_seqlen: int | None = None,
-    apt_runs: tuple[tuple[int, int, int], ...] | None = None,
+    apt_packing: "PackedSequences | None" = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention over a packed (1, H, L, d) batch, confined to each image, with the requested backend.
@@ -148,9 +145,9 @@ def packed_attention(
     variable-length kernels with cu_seqlens. Excluded from torch.compile graphs: the per-image bookkeeping is
     host-side, everything else in the layer compiles.
     """
-    if apt_cu_seqlens is None or apt_attn_implementation is None or apt_runs is None:
-        raise ValueError("apt_packed attention runs only inside APT models, which pass the packing (cu_seqlens)")
-    backend = apt_attn_implementation
+    if not hasattr(apt_packing, "cu_seqlens"):  # duck-typed: two remote-code copies may each register this function
+        raise ValueError("apt_packed attention runs only inside APT models, which pass the packing (apt_packing)")
+    backend = apt_packing.backend
     if backend in _CUDA_ONLY and (query.device.type != "cuda" or query.dtype not in _HALF or dropout > 0):
         logger.warning_once(
             f"attn_implementation={backend!r} needs CUDA float16/bfloat16 inputs without attention dropout; got "
@@ -161,7 +158,7 @@ def packed_attention(
     if backend in ("sdpa", "eager"):
         fn = sdpa_attention_forward if backend == "sdpa" else _stock_eager(module)
         outputs = []
-        for start, length, count in apt_runs:
+        for start, length, count in apt_packing.runs:
             out, _ = fn(
                 module,
                 _as_batch(query, start, length, count),
@@ -180,23 +177,23 @@ def packed_attention(
             if dropout > 0:
                 raise ValueError("attn_implementation='flex_attention' has no attention dropout; use model.eval() "
                                  "or set the attention dropout to 0")
-            return _cpu_flex(query, key, value, attention_mask, scaling), None
+            return _cpu_flex(query, key, value, apt_packing.block_mask, scaling), None
         from transformers.integrations.flex_attention import flex_attention_forward
 
-        out, _ = flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                        **kwargs)
+        out, _ = flex_attention_forward(module, query, key, value, apt_packing.block_mask, scaling=scaling,
+                                        dropout=dropout, **kwargs)
         return out, None
 
     if backend in ("flash_attention_2", "flash_attention_3"):
-        cu = apt_cu_seqlens.to(device=query.device, dtype=torch.int32)
+        cu, longest = apt_packing.cu_seqlens.to(device=query.device, dtype=torch.int32), apt_packing.max_seqlen
         out, _ = flash_attention_forward(
             _ModuleView(module, backend), query, key, value, None, dropout=dropout, scaling=scaling, is_causal=False,
-            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=apt_max_seqlen, max_length_k=apt_max_seqlen,
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
         )
         return out, None
 
     if backend == APT_VARLEN:
-        return _varlen_packed(query, key, value, apt_cu_seqlens, apt_max_seqlen, scaling), None
+        return _varlen_packed(query, key, value, apt_packing.cu_seqlens, apt_packing.max_seqlen, scaling), None
 
     raise ValueError(f"attn_implementation: {backend!r} is not supported by APT models; use one of "
                      f"'eager', 'sdpa', 'flex_attention', 'flash_attention_2', 'flash_attention_3', {APT_VARLEN!r}")
@@ -324,17 +321,21 @@ def document_block_mask(cu_seqlens: torch.Tensor, device: torch.device) -> Any:
 
 
 
-def packed_attention_kwargs(cu_seqlens: torch.Tensor, backend: str, device: torch.device) -> tuple[Any, dict]:
-    """(attention_mask, kwargs) that carry the packing and the user's backend to `packed_attention`.
+class PackedSequences:
+    """One forward's packing as every layer's attention needs it, computed once, host-side.
 
-    Computed once per forward: every layer reuses the runs, the maximum length and the flex BlockMask.
+    `cu_seqlens` plus what is derived from it on the host: the user's backend, the longest image, the runs of
+    equal-length images (eager / sdpa) and flex's document BlockMask. It reaches `packed_attention` as one opaque
+    kwarg, so torch.compile never sees the per-batch Python ints and tuples (which it would guard on, recompiling
+    for every new batch).
     """
-    lengths = cu_seqlens.diff()
-    kwargs = {
-        "apt_attn_implementation": backend,
-        "apt_cu_seqlens": cu_seqlens,
-        "apt_max_seqlen": int(lengths.max()),
-        "apt_runs": () if backend == "flex_attention" else equal_length_runs(cu_seqlens),  # also the sdpa fallback
-    }
-    mask = document_block_mask(cu_seqlens, device) if backend == "flex_attention" else None
-    return mask, kwargs
+
+    __slots__ = ("backend", "block_mask", "cu_seqlens", "max_seqlen", "runs")
+
+    def __init__(self, cu_seqlens: torch.Tensor, backend: str, device: torch.device) -> None:
+        self.cu_seqlens = cu_seqlens
+        self.backend = backend
+        self.max_seqlen = int(cu_seqlens.diff().max())
+        flex = backend == "flex_attention"
+        self.runs = () if flex else equal_length_runs(cu_seqlens)  # also the sdpa fallback of CUDA-only kernels
+        self.block_mask = document_block_mask(cu_seqlens, device) if flex else None

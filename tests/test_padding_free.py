@@ -1,0 +1,47 @@
+"""Padding-free inference: a padded batch run as one flattened row gives the padded batch's logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apt_hf import AptLlavaForConditionalGeneration, AptLlavaProcessor
+from apt_hf.padding_free import flatten_padded_batch, unflatten
+from apt_hf.sample_images import load_photos
+from apt_hf.tiny import build_tiny_llava, tiny_vision_config
+from apt_hf.training.packed_lm_attention import register
+
+PROMPTS = ["USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\nDescribe the picture in a few words. ASSISTANT:",
+           "USER: Hello there ASSISTANT:"]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "apt_sdpa_packed"])
+def test_flattened_batch_gives_the_padded_logits(padding_side: str, attn: str) -> None:
+    stock, stock_processor = build_tiny_llava(vision=tiny_vision_config(image_size=56))
+    model = AptLlavaForConditionalGeneration.from_llava(stock, thresholds=[5.75]).eval()
+    model.set_attn_implementation({"text_config": register() if attn == "apt_sdpa_packed" else attn})
+    processor = AptLlavaProcessor.from_llava_processor(stock_processor, thresholds=[5.75])
+    processor.tokenizer.padding_side = padding_side
+    photos = list(load_photos().values())[:2]
+    inputs = processor(images=photos, text=PROMPTS, padding=True, return_tensors="pt")
+    assert not bool(inputs["attention_mask"].all())  # the batch really is padded
+    with torch.no_grad():
+        padded = model(**inputs).logits
+        flat_inputs = flatten_padded_batch(dict(inputs))
+        assert flat_inputs["input_ids"].shape == (1, int(inputs["attention_mask"].sum()))
+        flat = unflatten(model(**flat_inputs).logits, inputs["attention_mask"])
+    keep = inputs["attention_mask"].bool()
+    torch.testing.assert_close(flat[keep], padded[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_masks_are_refused() -> None:
+    ids = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="attention_mask: expected one of shape"):
+        flatten_padded_batch({"input_ids": ids})
+    with pytest.raises(ValueError, match="between real ones"):
+        flatten_padded_batch({"input_ids": ids, "attention_mask": torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])})
+    with pytest.raises(ValueError, match="all-padding row"):
+        flatten_padded_batch({"input_ids": ids, "attention_mask": torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]])})
+    with pytest.raises(ValueError, match="values: expected"):
+        unflatten(torch.zeros(1, 3, 5), torch.ones(2, 4))
