@@ -5,14 +5,18 @@
         --num_scales 3 --thresholds 5.5 4.0
     python scripts/convert_to_apt.py --model llava-hf/llava-1.5-7b-hf --output_dir apt-llava-1.5-7b \\
         --vision_feature_layout packed
+    python scripts/convert_to_apt.py --model openai/clip-vit-base-patch16 --output_dir apt-clip-b16 --full_clip
 
-CLIP checkpoints (full CLIPModel or vision tower) give an AptCLIPVisionModel (the vision tower); ViT
+CLIP checkpoints (full CLIPModel or vision tower) give an AptCLIPVisionModel (the vision tower); with
+--full_clip, a full CLIPModel gives an AptCLIPModel (text tower kept, for zero-shot classification) saved with
+its tokenizer and APT image processor as a CLIPProcessor, so that
+`pipeline("zero-shot-image-classification", model=output_dir, trust_remote_code=True)` runs it; ViT
 checkpoints give an AptViTForImageClassification when they have a classifier, else an AptViTModel; LLaVA
 checkpoints give an AptLlavaForConditionalGeneration with an AptLlavaProcessor (chat template kept). Every
 pretrained weight is kept; APT adds a merge conv and a zero-initialised MLP, so the converted model reproduces
 the stock one wherever nothing is merged. The output folder loads with `AutoModel` /
-`AutoModelForImageClassification` / `AutoImageProcessor` (LLaVA: `AutoModelForImageTextToText` / `AutoProcessor`)
-and `trust_remote_code=True`, or directly after
+`AutoModelForImageClassification` / `AutoImageProcessor` (LLaVA: `AutoModelForImageTextToText` / `AutoProcessor`;
+full CLIP: `AutoModelForZeroShotImageClassification` / `AutoProcessor`) and `trust_remote_code=True`, or directly after
 `import apt_hf`.
 """
 
@@ -24,13 +28,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer, CLIPProcessor
 from transformers.utils import logging
 
 from apt_hf.configuration_apt import VISION_FEATURE_LAYOUTS
 from apt_hf.dtypes import DTYPES
 from apt_hf.image_processing_apt import AptImageProcessorPil
 from apt_hf.modeling_apt import AptCLIPVisionModel, AptViTForImageClassification, AptViTModel
+from apt_hf.modeling_apt_clip import AptCLIPModel
 from apt_hf.modeling_apt_llava import AptLlavaForConditionalGeneration
 from apt_hf.patchify import SCORERS, default_thresholds
 from apt_hf.processing_apt_llava import AptLlavaProcessor
@@ -49,6 +54,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(LLaVA-1.5: 5.75), 5.5 4.0 for S=3)")
     parser.add_argument("--vision_feature_layout", choices=VISION_FEATURE_LAYOUTS, default="packed",
                         help="LLaVA only: packed (fewer tokens for the language model) or grid (stock counts)")
+    parser.add_argument("--full_clip", action="store_true",
+                        help="CLIP only: convert the whole CLIPModel, text tower kept, to an AptCLIPModel for "
+                             "zero-shot classification (saved with its tokenizer); default: the vision tower alone")
     parser.add_argument("--scorer", choices=SCORERS, default="entropy")
     parser.add_argument("--entropy_bins", type=int, default=512)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
@@ -69,9 +77,14 @@ def apt_fields(args: argparse.Namespace, model_type: str) -> dict[str, Any]:
 
 
 def convert_model(model: str, config: Any, fields: dict[str, Any], dtype: Any, revision: str | None,
-                  layout: str):
+                  layout: str, full_clip: bool = False):
     """Load the stock checkpoint with its own transformers class and convert it (every weight kept)."""
     load = {"dtype": dtype, "revision": revision}
+    if full_clip:
+        if config.model_type != "clip":
+            raise SystemExit(f"--full_clip: needs a full CLIP checkpoint (model_type 'clip', with a text tower), "
+                             f"{model} has model_type={config.model_type!r}")
+        return AptCLIPModel.from_clip(model, **fields, **load)
     if config.model_type == "llava":
         return AptLlavaForConditionalGeneration.from_llava(model, vision_feature_layout=layout, **fields, **load)
     if config.model_type in ("clip", "clip_vision_model"):
@@ -97,7 +110,19 @@ def convert_processor(model: str, converted: Any, revision: str | None) -> Any:
     if isinstance(converted, AptLlavaForConditionalGeneration):  # tokenizer and chat template kept
         return AptLlavaProcessor.from_llava_processor(model, vision_feature_layout=config.vision_feature_layout,
                                                       **config.apt_fields)
-    fields = {**config.apt_fields, "patch_size": int(config.patch_size)}
+    vision = config.vision_config if isinstance(converted, AptCLIPModel) else config
+    fields = {**config.apt_fields, "patch_size": int(vision.patch_size)}
+    image_processor = _image_processor(model, vision, fields, revision)
+    if isinstance(converted, AptCLIPModel):  # zero-shot needs the texts' tokenizer beside the image processor
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--model: {model} has no tokenizer, which --full_clip needs to save ({err})") from None
+        return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return image_processor
+
+
+def _image_processor(model: str, config: Any, fields: dict[str, Any], revision: str | None) -> AptImageProcessorPil:
     try:
         from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
@@ -117,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
                          "or choose another folder")
     config = AutoConfig.from_pretrained(args.model, revision=args.revision)
     fields = apt_fields(args, config.model_type)
-    model = convert_model(args.model, config, fields, DTYPES[args.dtype], args.revision, args.vision_feature_layout)
+    model = convert_model(args.model, config, fields, DTYPES[args.dtype], args.revision, args.vision_feature_layout,
+                          args.full_clip)
     processor = convert_processor(args.model, model, args.revision)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output_dir)

@@ -12,8 +12,11 @@ Both models run as lmms-eval's `apt_llava` model (the stock one without APT fiel
 accuracy, img/s and tokens are measured by the same code. Each task is its own lmms-eval run, written to
 `OUTPUT_DIR/{stock,apt}/TASK/`: a task that fails (a dataset not reachable offline, a GPT judge without an
 API key) does not lose the others, and a rerun skips tasks already done (unless --overwrite). The table
-(`OUTPUT_DIR/comparison.md`) has per task the score of each model, the difference, img/s, the speed-up
-and visual tokens per image.
+(`OUTPUT_DIR/comparison.md`) has per task the score of each model, the difference, img/s with its spread,
+the speed-up and visual tokens per image. img/s leaves out each task's first (warm-up) batch; a speed-up is
+printed only when both runs have at least 5 timed batches, 3 s timed and a spread of at most 20%; otherwise
+the table (and stderr) says why it is withheld, and the scores are shown all the same. Measure speed with
+enough samples (--limit) and a --batch_size that gives at least 6 batches per task.
 """
 
 from __future__ import annotations
@@ -25,7 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-from apt_hf.lmms_eval_plugin.results import TABLE3_TASKS, compare_dirs, find_results_files
+from apt_hf.lmms_eval_plugin.results import (
+    TABLE3_TASKS,
+    comparison_table,
+    default_labels,
+    find_results_files,
+    load_run,
+    speedup_refusals,
+)
 
 LABELS = ("stock", "apt")
 
@@ -34,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--compare_only", nargs=2, metavar=("RESULTS_DIR_A", "RESULTS_DIR_B"),
-                        help="only read the lmms-eval results under two folders and write the comparison table")
+                        help="only read the lmms-eval results under two folders and write the comparison table "
+                        "(speed-ups from runs too short or too noisy to measure are withheld, with the reason)")
     parser.add_argument("--stock", help="stock LLaVA-1.5 checkpoint (hub id or folder)")
     parser.add_argument("--apt", help="APT-LLaVA checkpoint; default: --stock converted with the APT fields below")
     parser.add_argument("--output_dir", default="eval_results/llava", help="where lmms-eval results and the table go")
@@ -148,10 +159,16 @@ def run_suite(args: argparse.Namespace) -> int:
     return len(failed)
 
 
-def write_table(dir_a: Path, dir_b: Path, labels: tuple[str, str], output: Path | None,
+def write_table(dir_a: Path, dir_b: Path, labels: tuple[str, str] | None, output: Path | None,
                 tasks: list[str] | None = None) -> str:
-    table = compare_dirs(dir_a, dir_b, labels, tasks)
+    """Print (and write) the comparison table; say on stderr which speed-ups it withholds and why."""
+    run_a, run_b = load_run(dir_a), load_run(dir_b)
+    labels = labels or default_labels(dir_a, dir_b)
+    table = comparison_table(run_a, run_b, labels, tasks)
     print(table)
+    for task, reason in speedup_refusals(run_a, run_b, labels, tasks).items():
+        print(f"[eval_llava] {task}: no speed-up printed, the runs are too short or too noisy to measure one "
+              f"({reason})", file=sys.stderr)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(table)

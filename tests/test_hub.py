@@ -674,3 +674,12 @@ def test_cards_state_the_base_model_what_the_weights_are_and_no_stderr_metric(vi
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 120, "epoch": 1.0, "log_history": []}))
     card = collect_upload_set(folder, tmp_path / "work2", repo_id=REPO).card
     assert "fine-tuned with APT for 120 steps (1 epochs)" in card.text
+
+
+def test_cards_state_pyproject_transformers_floor():
+    """The cards' "transformers >= X" is the floor CI tests (pyproject.toml), not a stale version."""
+    from apt_hf.model_card import MIN_TRANSFORMERS
+
+    script = Path(__file__).parents[1] / "scripts" / "supported_transformers.py"
+    floor = subprocess.run([sys.executable, str(script), "floor"], capture_output=True, text=True, check=True)
+    assert floor.stdout.strip().split(".")[:2] == MIN_TRANSFORMERS.split(".")

@@ -274,6 +274,22 @@ def test_half_precision_runs(photos, dtype):
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("side", [2, 4])
+def test_merge_conv_is_the_convolution(side):
+    """merge_conv runs as a matrix product over 2 x 2 blocks: the convolution's result and gradients."""
+    from apt_hf.modeling_apt import PatchMergeConv
+
+    torch.manual_seed(0)
+    merge = PatchMergeConv(8)
+    grid = torch.randn(5, 8, side, side, requires_grad=True)
+    got = merge(grid)
+    want = F.conv2d(grid, merge.weight, merge.bias, stride=2)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    (g_got,) = torch.autograd.grad(got.square().sum(), merge.weight)
+    (g_want,) = torch.autograd.grad(want.square().sum(), merge.weight)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["clip", "vit_classifier"])
 def test_compiled_model_does_not_recompile_for_new_token_counts(kind):
     """torch.compile(model, dynamic=True): a batch with other token counts reuses the graphs, and the only graph

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from transformers import CLIPVisionConfig, LlavaConfig, PreTrainedConfig, ViTConfig
+from transformers import CLIPConfig, CLIPVisionConfig, LlavaConfig, PreTrainedConfig, ViTConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -141,6 +141,27 @@ _LLAVA_15_TOWER = {
 }
 
 
+def _apt_tower(vision: Any, apt: dict[str, Any], default_tower: dict[str, Any], llava: bool) -> Any:
+    """A composite config's vision tower as an `AptCLIPVisionConfig` (or the dict the sub-config spec builds it from).
+
+    A stock CLIP tower (dict or `CLIPVisionConfig`) is converted, with the default thresholds (LLaVA-1.5's where
+    `llava`) for the APT fields not given; a saved APT tower keeps its own fields unless `apt` replaces them.
+    """
+    is_apt = isinstance(vision, AptCLIPVisionConfig) or (
+        isinstance(vision, dict) and vision.get("model_type") == AptCLIPVisionConfig.model_type)
+    if vision is not None and not is_apt:
+        if llava and "thresholds" not in apt:
+            apt["thresholds"] = default_thresholds(apt.get("num_scales", 2), apt.get("scorer", "entropy"), llava=True)
+        return AptCLIPVisionConfig.from_stock_config(vision, **apt)
+    if vision is None and apt:
+        return AptCLIPVisionConfig(**{**default_tower, **apt})
+    if apt:
+        if isinstance(vision, dict):
+            vision = AptCLIPVisionConfig(**declared_settings(vision, AptCLIPVisionConfig))
+        vision.replace_apt_fields(**apt)
+    return vision
+
+
 class AptLlavaConfig(LlavaConfig):
     """`LlavaConfig` whose vision tower is an `AptCLIPVisionConfig`, plus `vision_feature_layout`.
 
@@ -160,20 +181,7 @@ class AptLlavaConfig(LlavaConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         apt = {k: kwargs.pop(k) for k in APT_SETTINGS if k in kwargs}
-        vision = self.vision_config
-        is_apt = isinstance(vision, AptCLIPVisionConfig) or (
-            isinstance(vision, dict) and vision.get("model_type") == AptCLIPVisionConfig.model_type)
-        if vision is not None and not is_apt:  # a stock CLIP tower: convert, LLaVA-1.5 defaults for what is absent
-            if "thresholds" not in apt:
-                apt["thresholds"] = default_thresholds(apt.get("num_scales", 2), apt.get("scorer", "entropy"),
-                                                       llava=True)
-            self.vision_config = AptCLIPVisionConfig.from_stock_config(vision, **apt)
-        elif vision is None and apt:
-            self.vision_config = AptCLIPVisionConfig(**{**_LLAVA_15_TOWER, **apt})
-        elif apt:
-            if isinstance(vision, dict):
-                self.vision_config = vision = AptCLIPVisionConfig(**declared_settings(vision, AptCLIPVisionConfig))
-            vision.replace_apt_fields(**apt)
+        self.vision_config = _apt_tower(self.vision_config, apt, _LLAVA_15_TOWER, llava=True)
         validate_vision_feature_layout(self.vision_feature_layout)
         super().__post_init__(**kwargs)
 
@@ -187,18 +195,61 @@ class AptLlavaConfig(LlavaConfig):
         return self
 
 
+class AptCLIPConfig(CLIPConfig):
+    """`CLIPConfig` (text and vision towers) whose vision tower is an `AptCLIPVisionConfig`: full CLIP, zero-shot.
+
+    As with `AptLlavaConfig`, the APT fields live once, on `vision_config`, are accepted here as keyword arguments
+    and read back as properties. A stock CLIP tower gets the paper's default thresholds for the fields not given.
+    """
+
+    model_type = "apt_clip"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AptCLIPVisionConfig),
+        "text_config": CLIPConfig.sub_configs_defaults["text_config"],
+    }
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        apt = {k: kwargs.pop(k) for k in APT_SETTINGS if k in kwargs}
+        base = kwargs.pop("base_model_name_or_path", None)
+        self.vision_config = _apt_tower(self.vision_config, apt, {}, llava=False)
+        super().__post_init__(**kwargs)
+        if base is not None:  # recorded on the tower, where the APT fields live
+            self.vision_config.base_model_name_or_path = base
+
+    @property
+    def apt_fields(self) -> dict[str, Any]:
+        return self.vision_config.apt_fields
+
+    def replace_apt_fields(self, **settings: Any) -> AptCLIPConfig:
+        """Set the vision tower's APT fields in place (validated; see `AptConfigMixin.replace_apt_fields`)."""
+        self.vision_config.replace_apt_fields(**settings)
+        return self
+
+    @classmethod
+    def from_stock_config(cls, config: CLIPConfig | dict[str, Any], **apt_fields: Any) -> AptCLIPConfig:
+        """The APT config of a stock `CLIPConfig` (text tower kept as it is) with the given APT fields."""
+        settings = config.to_dict() if isinstance(config, PreTrainedConfig) else dict(config)
+        if settings.get("model_type") not in (CLIPConfig.model_type, cls.model_type):
+            raise ValueError(f"config: expected a full CLIP config (model_type 'clip', with a text tower), got "
+                             f"model_type={settings.get('model_type')!r}")
+        return cls(**{**declared_settings(settings, cls), **apt_fields})
+
+
 for _field in APT_FIELDS:
-    setattr(AptLlavaConfig, _field, property(lambda self, _f=_field: getattr(self.vision_config, _f)))
+    for _composite in (AptLlavaConfig, AptCLIPConfig):
+        setattr(_composite, _field, property(lambda self, _f=_field: getattr(self.vision_config, _f)))
 
 AptCLIPVisionConfig.register_for_auto_class()
 AptViTConfig.register_for_auto_class()
 AptLlavaConfig.register_for_auto_class()
+AptCLIPConfig.register_for_auto_class()
 
 __all__ = [
     "AptConfigMixin",
     "AptCLIPVisionConfig",
     "AptViTConfig",
     "AptLlavaConfig",
+    "AptCLIPConfig",
     "APT_FIELDS",
     "APT_SETTINGS",
     "VISION_FEATURE_LAYOUTS",

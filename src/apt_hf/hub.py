@@ -66,10 +66,12 @@ CARD_FILE = "README.md"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 # model_type -> kind; the APT classes a checkpoint of that kind may hold (config.json "architectures").
-KINDS = {"apt_llava": "llava", "apt_clip_vision_model": "clip", "apt_vit": "vit"}
+KINDS = {"apt_llava": "llava", "apt_clip_vision_model": "clip", "apt_clip": "clip_full", "apt_vit": "vit"}
+NESTED_VISION = ("llava", "clip_full")  # kinds whose APT fields sit in config.json's vision_config, with a tokenizer
 ARCHITECTURES = {
     "llava": ("AptLlavaForConditionalGeneration",),
     "clip": ("AptCLIPVisionModel",),
+    "clip_full": ("AptCLIPModel",),
     "vit": ("AptViTModel", "AptViTForImageClassification"),
 }
 # Auto classes a user calls, and the target save_pretrained writes for each (used to fill a missing entry).
@@ -77,6 +79,8 @@ MODEL_AUTO_MAP = {
     "llava": {"AutoConfig": "configuration_apt.AptLlavaConfig",
               "AutoModelForImageTextToText": "modeling_apt_llava.AptLlavaForConditionalGeneration"},
     "clip": {"AutoConfig": "configuration_apt.AptCLIPVisionConfig", "AutoModel": "modeling_apt.AptCLIPVisionModel"},
+    "clip_full": {"AutoConfig": "configuration_apt.AptCLIPConfig", "AutoModel": "modeling_apt_clip.AptCLIPModel",
+                  "AutoModelForZeroShotImageClassification": "modeling_apt_clip.AptCLIPModel"},
     "vit": {"AutoConfig": "configuration_apt.AptViTConfig", "AutoModel": "modeling_apt.AptViTModel"},
     "vit_classifier": {"AutoConfig": "configuration_apt.AptViTConfig", "AutoModel": "modeling_apt.AptViTModel",
                        "AutoModelForImageClassification": "modeling_apt.AptViTForImageClassification"},
@@ -226,8 +230,10 @@ def _check_processor(model_dir: Path, kind: str, required: bool = True) -> dict[
     image_processor, _ = _image_processor_config(model_dir)
     if image_processor is None and not required:
         return {}
-    save_hint = ("AptLlavaProcessor.from_llava_processor(...).save_pretrained(model_dir)" if kind == "llava"
-                 else "AptImageProcessor(...).save_pretrained(model_dir)")
+    save_hint = {"llava": "AptLlavaProcessor.from_llava_processor(...).save_pretrained(model_dir)",
+                 "clip_full": "CLIPProcessor(image_processor=AptImageProcessor(...), tokenizer=...).save_pretrained("
+                              "model_dir) (scripts/convert_to_apt.py --full_clip does this)",
+                 }.get(kind, "AptImageProcessor(...).save_pretrained(model_dir)")
     if image_processor is None:
         raise ValueError(f"model_dir: no processor in {model_dir} (expected {IMAGE_PROCESSOR_FILE} or "
                          f"{PROCESSOR_FILE}); save it next to the model with {save_hint}")
@@ -235,10 +241,11 @@ def _check_processor(model_dir: Path, kind: str, required: bool = True) -> dict[
     if not processor_type.startswith("Apt"):
         raise ValueError(f"model_dir: the image processor in {model_dir} is {processor_type or 'unknown'!r}, not an "
                          f"APT one, so it would not produce the packed layout the model expects; save {save_hint}")
-    if kind == "llava":
+    if kind in NESTED_VISION:
         if not (model_dir / TOKENIZER_CONFIG).is_file() or not any((model_dir / f).is_file() for f in TOKENIZER_VOCABS):
             raise ValueError(f"model_dir: no tokenizer in {model_dir} (expected {TOKENIZER_CONFIG} and one of "
                              f"{list(TOKENIZER_VOCABS)}); save it with {save_hint}")
+    if kind == "llava":
         processor = _read_json(model_dir / PROCESSOR_FILE, "processor") if (model_dir / PROCESSOR_FILE).is_file() \
             else {}
         tokenizer = _read_json(model_dir / TOKENIZER_CONFIG, "tokenizer")
@@ -252,7 +259,7 @@ def _check_processor(model_dir: Path, kind: str, required: bool = True) -> dict[
 def _apt_settings(model_dir: Path, config: dict[str, Any], kind: str, image_processor: dict[str, Any],
                   processor: dict[str, Any]) -> dict[str, Any]:
     """The APT settings of the checkpoint, refusing a processor that disagrees with the model config."""
-    vision = config.get("vision_config") if kind == "llava" else config
+    vision = config.get("vision_config") if kind in NESTED_VISION else config
     if not isinstance(vision, dict):
         raise ValueError("model_dir: config.json has no vision_config")
     settings = {name: vision.get(name) for name in (*APT_FIELDS, "patch_size", "image_size")}
@@ -478,7 +485,7 @@ def collect_upload_set(
     code_dir, code_files = _remote_code(model_dir, json_files, notes)
     card_options = dataclasses.replace(
         card_options, base_model=card_options.base_model or _recorded_base_model(model_dir) or _hub_id(
-            (config.get("vision_config") if kind == "llava" else config).get("base_model_name_or_path")))
+            (config.get("vision_config") if kind in NESTED_VISION else config).get("base_model_name_or_path")))
     card = render_model_card(card_kind, repo_id, settings, card_options, eval_run=eval_run,
                              training=_training_summary(model_dir))
     if eval_run is not None and eval_run.limit not in (None, 0):

@@ -61,10 +61,13 @@ class CardKind:
 CARD_KINDS: dict[str, CardKind] = {
     "llava": CardKind("apt_llava.md", "APT-LLaVA", "image-text-to-text", "llama2", ("llava", "vision-language")),
     "clip": CardKind("apt_clip.md", "APT-CLIP", "image-feature-extraction", "mit", ("clip", "vision")),
+    "clip_full": CardKind("apt_clip.md", "APT-CLIP", "zero-shot-image-classification", "mit", ("clip", "vision")),
     "vit": CardKind("apt_vit.md", "APT-ViT", "image-feature-extraction", "apache-2.0", ("vit", "vision")),
     "vit_classifier": CardKind("apt_vit.md", "APT-ViT", "image-classification", "apache-2.0", ("vit", "vision")),
 }
 BASE_TAGS = ("apt", "adaptive-patch-transformers", "vision-transformer")
+# The oldest transformers the published remote code runs on: pyproject's floor (a test keeps the two equal).
+MIN_TRANSFORMERS = "5.23"
 
 
 @dataclass(frozen=True)
@@ -302,8 +305,9 @@ def render_model_card(
 ) -> ModelCard:
     """The README.md of an APT checkpoint: metadata in ModelCardData, prose and tables from the kind's template.
 
-    kind: "llava", "clip", "vit" or "vit_classifier"; settings: the APT fields (num_scales, thresholds, scorer,
-    entropy_bins), patch_size, image_size and, for LLaVA, vision_feature_layout. `eval_run`: the parsed
+    kind: "llava", "clip" (vision tower), "clip_full" (with the text tower), "vit" or "vit_classifier";
+    settings: the APT fields (num_scales, thresholds, scorer, entropy_bins), patch_size, image_size and, for LLaVA,
+    vision_feature_layout. `eval_run`: the parsed
     `options.eval_results`, when the caller has parsed them already. `training`: what the weights are (converted
     only, or fine-tuned and how long), stated on the card.
     """
@@ -351,6 +355,8 @@ def render_model_card(
         throughput_headers=throughput[0],
         throughput_rows=throughput[1],
         classifier=kind == "vit_classifier",
+        zero_shot=kind == "clip_full",
+        min_transformers=MIN_TRANSFORMERS,
         training=training,
         paper_title=PAPER_TITLE,
         paper_authors=PAPER_AUTHORS,
@@ -363,6 +369,7 @@ def render_model_card(
 __all__ = [
     "CARD_KINDS",
     "CITATION",
+    "MIN_TRANSFORMERS",
     "CardOptions",
     "LmmsEvalRun",
     "LmmsEvalScore",

@@ -182,6 +182,8 @@ def test_unmerged_apt_llava_answers_as_llava_hf(lmms_eval: Callable[..., Path], 
     throughput = _results(apt_run)["throughput"]
     assert throughput["avg_visual_tokens_per_image"] == GRID_TOKENS
     assert throughput[f"avg_{TASK}/num_images"] == NUM_SAMPLES
+    # 8 requests in batches of 3: the first batch is the warm-up, the other two are timed
+    assert throughput[f"avg_{TASK}/timed_batches"] == 2 and throughput[f"avg_{TASK}/timed_images"] == 5
 
 
 def test_stock_llava_without_apt_fields_answers_as_llava_hf(suite: Path, llava_hf_run: Path) -> None:
@@ -220,8 +222,12 @@ def test_comparison_table_reads_results_back(suite: Path, run_cli: Callable[...,
     cells = [c.strip() for c in row.strip("|").split("|")]
     accuracy = [100 * r.scores[TASK]["pope_accuracy"] for r in (stock_run, apt_run)]
     assert cells[1] == "pope_accuracy (%)" and cells[2:4] == [f"{v:.1f}" for v in accuracy]
-    assert cells[5] == f"{stock_run.speed[TASK].images_per_second:.2f}"
-    assert cells[6] == f"{apt_run.speed[TASK].images_per_second:.2f}"
+    for cell, run in zip(cells[5:7], (stock_run, apt_run), strict=True):
+        speed = run.speed[TASK]
+        assert cell == f"{speed.images_per_second:.2f} ±{100 * speed.images_per_second_spread:.0f}%"
+        assert speed.timed_batches == 1  # 8 samples in batches of 4: one warm-up batch, one timed
+    assert cells[7] == "withheld"  # one timed batch cannot carry a speed-up
+    assert f"- {TASK}: stock: 1 timed batch (fewer than 5)" in written
     assert cells[8] == "64.0 (100%)" and cells[9] == f"{kept:.1f} ({100 * kept / GRID_TOKENS:.0f}%)"
     assert any(line.startswith("| **all tasks** |") for line in written.splitlines())
 
@@ -237,7 +243,9 @@ def test_data_parallel_matches_single_process(lmms_eval: Callable[..., Path], ll
     """accelerate launch --num_processes 2: docs split over ranks, answers and image counts gathered."""
     dp_run = lmms_eval("apt_dp2", MODEL_ID, f"pretrained={stock},{UNMERGED}", batch_size=3, num_processes=2)
     assert _answers(dp_run) == _answers(llava_hf_run)
-    assert _results(dp_run)["throughput"]["avg_num_images"] == NUM_SAMPLES  # both ranks' images
+    throughput = _results(dp_run)["throughput"]
+    assert throughput["avg_num_images"] == NUM_SAMPLES  # both ranks' images
+    assert throughput["avg_timed_batches"] == 2  # 4 requests per rank in batches of 3: one timed batch each
 
 
 def test_suite_names_a_dataset_that_is_not_available_offline(
@@ -269,8 +277,8 @@ def _generate(lm: AptLlava, docs: list[dict[str, Any]], until: list[str] | None 
     return [r.text for r in lm.generate_until(_requests(docs, until))]
 
 
-def _apt_model(args: str) -> AptLlava:
-    return get_model(MODEL_ID).create_from_arg_string(args, {"batch_size": 2, "device": "cpu"})
+def _apt_model(args: str, batch_size: int = 2) -> AptLlava:
+    return get_model(MODEL_ID).create_from_arg_string(args, {"batch_size": batch_size, "device": "cpu"})
 
 
 def test_apt_checkpoint_loads_with_remote_code_and_takes_overrides(tmp_path: Path, stock: str) -> None:
@@ -300,8 +308,8 @@ def test_apt_checkpoint_loads_with_remote_code_and_takes_overrides(tmp_path: Pat
     assert _generate(stock_lm, docs[:1], until=[stop])[0] == full[: full.index(stop)]
 
 
-def test_simple_mode_and_loglikelihood(stock: str) -> None:
-    """--force_simple (doc_to_visual + context) prompts as the chat mode does; loglikelihood scores continuations."""
+def test_simple_mode_prompts_as_chat_mode(stock: str) -> None:
+    """--force_simple (doc_to_visual + context) prompts as the chat mode does."""
     docs = _docs(3)
     chat = _apt_model(f"pretrained={stock},{MERGING}")
     simple = get_model(MODEL_ID, force_simple=True).create_from_arg_string(
@@ -313,22 +321,112 @@ def test_simple_mode_and_loglikelihood(stock: str) -> None:
     greedy = [r.text for r in simple.generate_until(requests)]
     assert greedy == _generate(chat, docs)
 
-    # loglikelihood: the continuation's summed log-probability, checked against transformers' own loss
-    continuation = " yes no"
-    (logprob, is_greedy), = simple.loglikelihood([Instance(
-        "loglikelihood", (docs[0]["question"], continuation, lambda d: [d["image"]], 0, TASK, "test"), idx=0,
-        metadata={"task": TASK, "doc_id": 0, "repeats": 1})])
-    prompt = simple._render(simple._user_turn(docs[0]["question"], [docs[0]["image"]]), [docs[0]["image"]])
-    inputs = simple.processor(images=[docs[0]["image"]], text=[prompt + continuation], return_tensors="pt")
-    n_context = simple.processor(images=[docs[0]["image"]], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
-    labels = inputs["input_ids"].clone()
-    labels[:, :n_context] = -100
-    n_tokens = int((labels != -100).sum())
-    with torch.inference_mode():
-        loss = simple.model(**inputs, labels=labels).loss
-    assert n_tokens == len(simple.tokenizer(continuation, add_special_tokens=False)["input_ids"])
-    assert logprob == pytest.approx(-float(loss) * n_tokens, rel=1e-4)
-    assert is_greedy is False  # a random tiny model does not answer " yes no"
+
+# -- length-aware batching, padding-free scoring ------------------------------------------------------------------
+CONTINUATIONS = (" yes", " no, there is not", " a red circle", " blue", " the square on the left")
+
+
+def _loglikelihood_requests(docs: list[dict[str, Any]]) -> list[Instance]:
+    return [Instance("loglikelihood", (doc["question"], CONTINUATIONS[i % len(CONTINUATIONS)],
+                                       lambda d: [d["image"]], i, TASK, "test"),
+                     idx=0, metadata={"task": TASK, "doc_id": i, "repeats": 1}) for i, doc in enumerate(docs)]
+
+
+@pytest.mark.parametrize("apt_fields", ["", f",{MERGING}"], ids=["stock", "apt"])
+def test_loglikelihood_batches_run_padding_free_and_match_transformers_loss(stock: str, apt_fields: str) -> None:
+    """Batches of 3 run as one flattened row each and score as transformers' own loss on each request alone."""
+    docs = _docs(5)
+    lm = _apt_model(f"pretrained={stock}{apt_fields}", batch_size=3)
+    assert lm.text_attn_implementation == "apt_sdpa_packed"  # sdpa per sample on the flattened row
+    lm.task_dict = {TASK: {"test": docs}}
+    forwards: list[dict[str, Any]] = []
+    hook = lm.model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs), with_kwargs=True)
+    try:
+        batched = lm.loglikelihood(_loglikelihood_requests(docs))
+    finally:
+        hook.remove()
+    assert len(forwards) == 2  # 5 requests in batches of 3
+    for kwargs in forwards:
+        assert kwargs["input_ids"].shape[0] == 1 and kwargs.get("attention_mask") is None
+        assert kwargs["use_cache"] is False
+    assert sorted(int((k["position_ids"][0] == 0).sum()) for k in forwards) == [2, 3]
+
+    lm.batch_size_per_gpu = 1
+    one_at_a_time = lm.loglikelihood(_loglikelihood_requests(docs))
+    assert [g for _, g in batched] == [g for _, g in one_at_a_time]
+    assert [lp for lp, _ in batched] == pytest.approx([lp for lp, _ in one_at_a_time], rel=1e-5)
+
+    for i, doc in enumerate(docs):  # the reference: transformers' loss over the continuation
+        continuation = CONTINUATIONS[i % len(CONTINUATIONS)]
+        prompt = lm._render(lm._user_turn(doc["question"], [doc["image"]]), [doc["image"]])
+        context = lm.processor(images=[doc["image"]], text=[prompt], return_tensors="pt")
+        cont_ids = torch.tensor([lm.tokenizer(continuation, add_special_tokens=False)["input_ids"]])
+        context["input_ids"] = torch.cat([context["input_ids"], cont_ids], dim=1)
+        context["attention_mask"] = torch.ones_like(context["input_ids"])
+        labels = context["input_ids"].clone()
+        labels[:, : -cont_ids.shape[1]] = -100
+        with torch.inference_mode():
+            loss = lm.model(**context, labels=labels).loss
+        assert batched[i][0] == pytest.approx(-float(loss) * cont_ids.shape[1], rel=1e-4)
+        assert batched[i][1] is False  # a random tiny model does not pick these continuations
+
+
+def _padding_fraction(batches: list[list[int]]) -> float:
+    return sum(max(b) * len(b) - sum(b) for b in batches) / sum(max(b) * len(b) for b in batches)
+
+
+def test_generation_batches_by_real_prompt_length(stock: str) -> None:
+    """APT prompts differ in length by each image's token count; batches group similar lengths and the answers
+    do not depend on the batching."""
+    from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history
+
+    docs = _docs(8)
+    lm = _apt_model(f"pretrained={stock},{MERGING}", batch_size=2)
+    lm.task_dict = {TASK: {"test": docs}}
+    requests = [lm._chat_request(i, r) for i, r in enumerate(_requests(docs))]
+    plan = [[p.length for p in batch] for batch in lm._batches(requests)]
+    lengths = {p.request.index: p.length for batch in lm._batches(requests) for p in batch}
+    # the real prompt length: what the processor gives each request alone, every image's tokens included
+    for i, doc in enumerate(docs):
+        prompt = lm._render([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                              "text": doc["question"]}]}],
+                            [doc["image"]])
+        alone = lm.processor(images=[doc["image"]], text=[prompt], return_tensors="pt")
+        assert lengths[i] == alone["input_ids"].shape[1]
+    assert len(set(lengths.values())) > 2  # APT kept different token counts
+    flat = [n for batch in plan for n in batch]
+    assert flat == sorted(flat, reverse=True) and [len(b) for b in plan] == [2, 2, 2, 2]
+    in_order = [[lengths[i] for i in range(j, j + 2)] for j in range(0, len(docs), 2)]
+    assert _padding_fraction(plan) < _padding_fraction(in_order)
+
+    batched = _generate(lm, docs)
+    metrics = get_logged_metrics_history()[-1]
+    assert metrics[f"{TASK}/padding_fraction"] == pytest.approx(_padding_fraction(plan))
+    assert metrics[f"{TASK}/timed_batches"] == len(plan) - 1  # the warm-up batch is not timed
+    assert metrics[f"{TASK}/num_images"] == len(docs) and metrics[f"{TASK}/timed_images"] == len(docs) - 2
+    assert metrics[f"{TASK}/images_per_second_spread"] >= 0
+    lm.batch_size_per_gpu = 1
+    assert _generate(lm, docs) == batched
+    lm.batch_size_per_gpu = 8
+    assert _generate(lm, docs) == batched
+
+
+@pytest.mark.parametrize("apt_fields", ["", f",{MERGING}"], ids=["stock", "apt"])
+def test_batches_cut_from_a_window_equal_the_processor_on_those_requests(stock: str, apt_fields: str) -> None:
+    """The processor runs once per window; any batch taken from it is what the processor gives for that batch."""
+    docs = _docs(4)
+    lm = _apt_model(f"pretrained={stock}{apt_fields}")
+    lm.task_dict = {TASK: {"test": docs}}
+    prepared = lm._prepare([lm._chat_request(i, r) for i, r in enumerate(_requests(docs))])
+    order = [2, 0, 3]
+    batch = lm._collate([prepared[i] for i in order])
+    prompts = [lm._chat_request(i, r).build() for i, r in enumerate(_requests(docs))]
+    expected = lm.processor(images=[prompts[i].images[0] for i in order], text=[prompts[i].text for i in order],
+                            padding=True, return_tensors="pt")
+    assert set(batch) == set(expected)
+    assert not bool(expected["attention_mask"].all())  # the batch really is padded (left)
+    for key, value in expected.items():
+        assert torch.equal(batch[key], value), key
 
 
 def test_unknown_model_args_are_refused(stock: str) -> None:

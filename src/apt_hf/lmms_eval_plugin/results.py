@@ -2,13 +2,14 @@
 
 Works on what lmms-eval writes under `--output_path` (`<model>/<date>_results.json`), so it needs neither
 lmms-eval nor a model: `scripts/eval_llava.py --compare_only A B` runs it on finished runs. Speed comes from
-the "throughput" block that the `apt_llava` model fills (`avg_<task>/images_per_second`, ...); runs made
-with other models show "–" there.
+the "throughput" block that the `apt_llava` model fills (`avg_<task>/images_per_second`, its spread, the number
+of timed batches and seconds, ...); runs made with other models show "–" there. A speed-up is printed only
+from runs long and steady enough to measure one (`speed_problems`); otherwise the table says why not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,15 @@ PRIMARY_METRICS: dict[str, tuple[str, ...]] = {
 FRACTION_METRICS = frozenset({"exact_match", "pope_accuracy", "pope_f1_score", "pope_precision", "pope_recall",
                               "pope_yes_ratio"})
 SPEED_KEYS = ("num_images", "images_per_second", "visual_tokens_per_image", "grid_tokens_per_image")
+# How `apt_llava` qualifies its images/s (older runs lack them): the spread over interleaved subsets of the timed
+# batches, how many batches were timed (the warm-up batch is not) and for how long.
+TIMING_KEYS = ("images_per_second_spread", "timed_batches", "timed_seconds")
 ALL_TASKS = "all tasks"
+# A speed-up is printed only when both runs pass these: fewer batches or seconds than this cannot be told apart
+# from warm-up and noise (two short runs of one model have given 2.67 and 148 img/s).
+MIN_TIMED_BATCHES = 5
+MIN_TIMED_SECONDS = 3.0
+MAX_SPREAD = 0.20
 
 
 @dataclass
@@ -44,9 +53,15 @@ class TaskSpeed:
     images_per_second: float
     visual_tokens_per_image: float
     grid_tokens_per_image: float
+    images_per_second_spread: float | None = None  # relative, e.g. 0.05; None: not recorded
+    timed_batches: float | None = None
+    timed_seconds: float | None = None
 
     @property
     def seconds(self) -> float:
+        """The seconds images/s was measured over (the timed batches; all images for runs that lack them)."""
+        if self.timed_seconds is not None:
+            return self.timed_seconds
         return self.num_images / self.images_per_second if self.images_per_second > 0 else 0.0
 
 
@@ -63,7 +78,8 @@ class EvalRun:
 
     @property
     def overall_speed(self) -> TaskSpeed | None:
-        """All tasks together: total images over total time; tokens averaged per image."""
+        """All tasks together: timed images over timed seconds, tokens averaged per image; the spread is the
+        largest of the tasks' (one noisy task makes the total noisy), batches and seconds add up."""
         parts = [self.speed[t] for t in self.scores if t in self.speed] or list(self.speed.values())
         if not parts:
             return None
@@ -71,9 +87,17 @@ class EvalRun:
         seconds = sum(p.seconds for p in parts)
         if images <= 0:
             return None
-        return TaskSpeed(images, images / seconds if seconds > 0 else 0.0,
+        timed_images = sum(p.images_per_second * p.seconds for p in parts)
+
+        def combined(values: list[float | None], how: Callable[[list[float]], float]) -> float | None:
+            return None if any(v is None for v in values) else how(values)  # type: ignore[arg-type]
+
+        return TaskSpeed(images, timed_images / seconds if seconds > 0 else 0.0,
                          sum(p.visual_tokens_per_image * p.num_images for p in parts) / images,
-                         sum(p.grid_tokens_per_image * p.num_images for p in parts) / images)
+                         sum(p.grid_tokens_per_image * p.num_images for p in parts) / images,
+                         combined([p.images_per_second_spread for p in parts], max),
+                         combined([p.timed_batches for p in parts], sum),
+                         combined([p.timed_seconds for p in parts], sum))
 
 
 def find_results_files(path: str | Path) -> list[Path]:
@@ -107,7 +131,7 @@ def throughput_speeds(throughput: dict[str, float], tasks: Iterable[str]) -> dic
     for prefix, name in [*((f"avg_{t}/", t) for t in tasks), ("avg_", ALL_TASKS)]:
         values = [throughput.get(prefix + key) for key in SPEED_KEYS]
         if all(v is not None for v in values):
-            speeds[name] = TaskSpeed(*values)  # type: ignore[arg-type]
+            speeds[name] = TaskSpeed(*values, *(throughput.get(prefix + key) for key in TIMING_KEYS))  # type: ignore[arg-type]
     return speeds
 
 
@@ -153,12 +177,65 @@ def _fmt(value: float | None, digits: int = 1, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def _speed_cells(a: TaskSpeed | None, b: TaskSpeed | None) -> list[str]:
-    def ips(s: TaskSpeed | None) -> str:
-        return _fmt(s.images_per_second, 2) if s else "–"
+def speed_problems(speed: TaskSpeed) -> list[str]:
+    """Why `speed`'s images/s cannot carry a speed-up: too few timed batches, too short, too noisy, or not
+    recorded; [] when it can."""
+    if speed.timed_batches is None or speed.timed_seconds is None or speed.images_per_second_spread is None:
+        return ["no warm-up-free timing recorded (a run by another model or an older apt_hf)"]
+    problems = []
+    if speed.timed_batches < MIN_TIMED_BATCHES:
+        plural = "" if speed.timed_batches == 1 else "es"
+        problems.append(f"{speed.timed_batches:.0f} timed batch{plural} (fewer than {MIN_TIMED_BATCHES})")
+    if speed.timed_seconds < MIN_TIMED_SECONDS:
+        problems.append(f"{speed.timed_seconds:.2f} s timed (under {MIN_TIMED_SECONDS:g} s)")
+    if speed.images_per_second_spread > MAX_SPREAD:
+        problems.append(f"spread {100 * speed.images_per_second_spread:.0f}% (over {100 * MAX_SPREAD:.0f}%)")
+    return problems
 
-    speedup = (f"{b.images_per_second / a.images_per_second:.2f}×"
-               if a and b and a.images_per_second > 0 else "–")
+
+def _task_names(a: EvalRun, b: EvalRun, tasks: Iterable[str] | None) -> list[str]:
+    names = sorted(set(a.scores) | set(b.scores), key=_task_order)
+    if tasks is not None:
+        wanted = list(tasks)
+        names = [t for t in names if any(t == w or t.startswith(w + "_") for w in wanted)]
+    return names
+
+
+SpeedPair = tuple[TaskSpeed | None, TaskSpeed | None]
+
+
+def _speeds(a: EvalRun, b: EvalRun, tasks: Iterable[str] | None) -> dict[str, SpeedPair]:
+    pairs = {task: (a.speed.get(task), b.speed.get(task)) for task in _task_names(a, b, tasks)}
+    pairs[ALL_TASKS] = (a.overall_speed, b.overall_speed)
+    return pairs
+
+
+def speedup_refusals(a: EvalRun, b: EvalRun, labels: Sequence[str] = ("stock", "APT"),
+                     tasks: Iterable[str] | None = None) -> dict[str, str]:
+    """{task (or "all tasks"): why its speed-up is withheld} for the rows where both runs have a speed."""
+    refused = {}
+    for task, (sa, sb) in _speeds(a, b, tasks).items():
+        if sa is None or sb is None:
+            continue
+        reasons = [f"{label}: {'; '.join(problems)}" for label, speed in zip(labels, (sa, sb), strict=True)
+                   if (problems := speed_problems(speed))]
+        if reasons:
+            refused[task] = ", ".join(reasons)
+    return refused
+
+
+def _speed_cells(a: TaskSpeed | None, b: TaskSpeed | None, withheld: bool) -> list[str]:
+    def ips(s: TaskSpeed | None) -> str:
+        if not s:
+            return "–"
+        spread = "" if s.images_per_second_spread is None else f" ±{100 * s.images_per_second_spread:.0f}%"
+        return _fmt(s.images_per_second, 2) + spread
+
+    if withheld:
+        speedup = "withheld"
+    else:
+        speedup = (f"{b.images_per_second / a.images_per_second:.2f}×"
+                   if a and b and a.images_per_second > 0 else "–")
 
     def tokens(s: TaskSpeed | None) -> str:
         if not s:
@@ -171,47 +248,57 @@ def _speed_cells(a: TaskSpeed | None, b: TaskSpeed | None) -> list[str]:
 
 def comparison_table(a: EvalRun, b: EvalRun, labels: Sequence[str] = ("stock", "APT"),
                      tasks: Iterable[str] | None = None) -> str:
-    """A markdown table: per task and metric the two scores and their difference, then img/s, speed-up and
-    visual tokens per image (with the share of the full grid kept); a last row for all tasks together.
+    """A markdown table: per task and metric the two scores and their difference, then img/s with its spread,
+    speed-up and visual tokens per image (with the share of the full grid kept); a last row for all tasks.
 
-    Fractions (exact match, POPE) are shown in percent; other metrics as lmms-eval reports them.
+    Fractions (exact match, POPE) are shown in percent; other metrics as lmms-eval reports them. A speed-up
+    from runs too short or too noisy to measure (`speed_problems`) is withheld, with the reason under the table;
+    the scores are shown all the same.
     """
     la, lb = labels
-    wanted = None if tasks is None else list(tasks)
-    names = sorted(set(a.scores) | set(b.scores), key=_task_order)
-    if wanted is not None:
-        names = [t for t in names if any(t == w or t.startswith(w + "_") for w in wanted)]
+    speeds = _speeds(a, b, tasks)
+    refused = speedup_refusals(a, b, labels, tasks)
     header = ["Task", "Metric", la, lb, "Δ", f"{la} img/s", f"{lb} img/s", "speed-up",
               f"{la} tokens/img", f"{lb} tokens/img"]
     rows = [header, ["---"] * 2 + ["---:"] * (len(header) - 2)]
-    for task in names:
+    for task in _task_names(a, b, tasks):
         sa, sb = a.scores.get(task, {}), b.scores.get(task, {})
         for i, metric in enumerate(_metrics_of(task, sa, sb)):
             va, vb = _shown(metric, sa.get(metric)), _shown(metric, sb.get(metric))
             delta = vb - va if va is not None and vb is not None else None
             unit = " (%)" if metric in FRACTION_METRICS else ""
-            speed = _speed_cells(a.speed.get(task), b.speed.get(task)) if i == 0 else [""] * 5
+            speed = _speed_cells(*speeds[task], withheld=task in refused) if i == 0 else [""] * 5
             rows.append([task if i == 0 else "", metric + unit, _fmt(va), _fmt(vb), _fmt(delta, signed=True), *speed])
-    rows.append([f"**{ALL_TASKS}**", "", "", "", "", *_speed_cells(a.overall_speed, b.overall_speed)])
+    rows.append([f"**{ALL_TASKS}**", "", "", "", "", *_speed_cells(*speeds[ALL_TASKS], withheld=ALL_TASKS in refused)])
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     notes = [
         "",
         f"{la}: `{a.model} {a.model_args}` ({a.path}); {lb}: `{b.model} {b.model_args}` ({b.path}).",
-        "img/s: images per second over image preprocessing and generation, all processes together; tokens/img: "
-        "visual tokens per image after APT merging (in parentheses: share of the full patch grid).",
+        "img/s: images per second over image preprocessing and the model, all processes together, each task's "
+        "first (warm-up) batch left out; ±: its spread, (max − min) / median over five interleaved subsets of the "
+        "timed batches. tokens/img: visual tokens per image after APT merging (in parentheses: share of the full "
+        "patch grid).",
     ]
+    if refused:
+        notes += ["", f"Speed-up withheld where a run is too short or too noisy to measure one (each needs at least "
+                  f"{MIN_TIMED_BATCHES} timed batches, {MIN_TIMED_SECONDS:g} s timed and a spread of at most "
+                  f"{100 * MAX_SPREAD:.0f}%; rerun with more samples, e.g. a larger --limit):"]
+        notes += [f"- {task}: {reason}" for task, reason in refused.items()]
     return "\n".join(lines + notes) + "\n"
+
+
+def default_labels(dir_a: str | Path, dir_b: str | Path) -> tuple[str, str]:
+    """The two folders' names, or A and B when they are equal or empty."""
+    names = (Path(dir_a).name, Path(dir_b).name)
+    return names if names[0] != names[1] and all(names) else ("A", "B")
 
 
 def compare_dirs(dir_a: str | Path, dir_b: str | Path, labels: Sequence[str] | None = None,
                  tasks: Iterable[str] | None = None) -> str:
     """Load two results folders and return their comparison table."""
-    run_a, run_b = load_run(dir_a), load_run(dir_b)
-    if labels is None:
-        names = (Path(dir_a).name, Path(dir_b).name)
-        labels = names if names[0] != names[1] and all(names) else ("A", "B")
-    return comparison_table(run_a, run_b, labels, tasks)
+    return comparison_table(load_run(dir_a), load_run(dir_b), labels or default_labels(dir_a, dir_b), tasks)
 
 
-__all__ = ["TABLE3_TASKS", "PRIMARY_METRICS", "EvalRun", "TaskSpeed", "find_results_files", "task_scores",
-           "throughput_speeds", "load_run", "comparison_table", "compare_dirs"]
+__all__ = ["TABLE3_TASKS", "PRIMARY_METRICS", "MIN_TIMED_BATCHES", "MIN_TIMED_SECONDS", "MAX_SPREAD", "EvalRun",
+           "TaskSpeed", "find_results_files", "task_scores", "throughput_speeds", "load_run", "speed_problems",
+           "speedup_refusals", "comparison_table", "default_labels", "compare_dirs"]
