@@ -81,7 +81,8 @@ class AptArguments:
 
     num_scales: int | None = field(default=None, metadata={"help": "Number of patch scales S."})
     thresholds: list[float] | None = field(
-        default=None, metadata={"help": "S - 1 thresholds; the paper uses 5.75 for LLaVA-1.5 at 336/14."}
+        default=None,
+        metadata={"help": "S - 1 thresholds; the paper uses 5.5 for ViTs (S=2) and 5.75 for LLaVA-1.5 at 336/14."}
     )
     scorer: str | None = field(default=None, metadata={"help": "entropy | laplacian | upsample_mse."})
     entropy_bins: int | None = field(default=None, metadata={"help": "Histogram bins of the entropy scorer."})
@@ -135,8 +136,9 @@ class DataArguments:
 ARGUMENT_CLASSES = (ModelArguments, AptArguments, DataArguments, TrainingArguments)
 
 
-def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+def build_parser(argument_classes: tuple[type, ...] = ARGUMENT_CLASSES) -> HfArgumentParser:
+    """The flags of `argument_classes` (finetune_llava.py's by default) plus --config."""
+    parser = HfArgumentParser(argument_classes)
     parser.add_argument("--config", type=str, default=None,
                         help="YAML recipe whose keys are these flags; command-line flags override it.")
     return parser
@@ -146,7 +148,8 @@ def _known_keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
 
 
-def recipe_to_argv(recipe: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> list[str]:
+def recipe_to_argv(recipe: dict[str, Any], parser: argparse.ArgumentParser, source: str,
+                   script: str = "finetune_llava.py") -> list[str]:
     """Turn a recipe mapping into flags, refusing keys that are not arguments (a typo would be ignored)."""
     known = _known_keys(parser)
     argv: list[str] = []
@@ -156,7 +159,7 @@ def recipe_to_argv(recipe: dict[str, Any], parser: argparse.ArgumentParser, sour
         if key not in known:
             close = [k for k in known if key.replace("-", "_") == k or key in k]
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{source}: unknown key {key!r}: it is not an argument of finetune_llava.py{hint}")
+            raise ValueError(f"{source}: unknown key {key!r}: it is not an argument of {script}{hint}")
         if value is None:
             continue
         flag = f"--{key}"
@@ -186,24 +189,29 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 def parse_args(
     argv: list[str] | None = None,
-) -> tuple[ModelArguments, AptArguments, DataArguments, TrainingArguments]:
-    """Parse recipe + flags (flags win) into the four argument dataclasses and check them."""
+    argument_classes: tuple[type, ...] = ARGUMENT_CLASSES,
+    check: Any = None,
+    script: str = "finetune_llava.py",
+) -> tuple[Any, ...]:
+    """Parse recipe + flags (flags win) into the argument dataclasses and check them.
+
+    Defaults: finetune_llava.py's four dataclasses and `check_args`. Another trainer (finetune_vit.py) passes its
+    own `argument_classes`, `check` (called with the parsed dataclasses) and `script` (named in recipe errors).
+    """
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(argument_classes)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=str, default=None)
     known, _ = pre.parse_known_args(argv)
     recipe_argv: list[str] = []
     if known.config:
-        recipe_argv = recipe_to_argv(load_recipe(known.config), parser, f"config {known.config}")
+        recipe_argv = recipe_to_argv(load_recipe(known.config), parser, f"config {known.config}", script)
     # argparse keeps the last occurrence of a flag, so command-line flags placed after the recipe win.
-    model_args, apt_args, data_args, training_args, _ = parser.parse_args_into_dataclasses(
-        args=recipe_argv + argv, look_for_args_file=False
-    )
-    check_args(model_args, apt_args, data_args, training_args)
-    return model_args, apt_args, data_args, training_args
+    parsed = parser.parse_args_into_dataclasses(args=recipe_argv + argv, look_for_args_file=False)[:-1]
+    (check_args if check is None else check)(*parsed)
+    return tuple(parsed)
 
 
 def parse_trainable(trainable: str) -> list[str]:

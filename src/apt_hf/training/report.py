@@ -57,7 +57,8 @@ def run_summary(dataset: Any, model: Any, processor: Any, converted: bool, image
             + ", ".join(parts) + (f", LoRA {lora / 1e6:.2f}M" if lora else ""))
 
 
-def save_loss_curve(log_history: list[dict[str, Any]], output_dir: str | Path) -> Path | None:
+def save_loss_curve(log_history: list[dict[str, Any]], output_dir: str | Path,
+                    title: str = "finetune_llava.py") -> Path | None:
     """loss (and eval_loss) against step, as a PNG in `output_dir`; None when nothing was logged."""
     from ..visualization import line_chart
 
@@ -67,7 +68,7 @@ def save_loss_curve(log_history: list[dict[str, Any]], output_dir: str | Path) -
     if not series:
         return None
     path = Path(output_dir) / LOSS_CURVE_FILE
-    line_chart(series, "finetune_llava.py", "step", "loss").save(path)
+    line_chart(series, title, "step", "loss").save(path)
     return path
 
 
