@@ -4,12 +4,15 @@
     python scripts/benchmark.py vision [--help]
     python scripts/benchmark.py llava [--help]
     python scripts/benchmark.py train [--help]
+    python scripts/benchmark.py train_vit [--help]
+
+scripts/gpu_check.sh runs the GPU settings of these (and the GPU-only tests) in one command, one table.
 """
 
 import importlib
 import sys
 
-SUITES = ("processor", "vision", "llava", "train")
+SUITES = ("processor", "vision", "llava", "train", "train_vit")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in SUITES:

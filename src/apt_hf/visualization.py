@@ -181,8 +181,12 @@ def split_layout(batch: Any) -> list[tuple[list[int], list[list[int]]]]:
 
 
 def line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, x_label: str, y_label: str,
-               size: tuple[int, int] = (720, 420)) -> Image.Image:
-    """A small line chart (PIL only): one polyline per named series of (x, y) points, axes with min / max labels."""
+               size: tuple[int, int] = (720, 420),
+               point_labels: dict[str, Sequence[str]] | None = None) -> Image.Image:
+    """A small line chart (PIL only): one polyline per named series of (x, y) points, axes with min / max labels.
+
+    `point_labels`: per series, one text per point (in the series' order), written beside each point.
+    """
     points = [p for values in series.values() for p in values]
     if not points:
         raise ValueError("series: expected at least one (x, y) point, got none")
@@ -210,11 +214,18 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, x_l
     colours = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
     for i, (name, values) in enumerate(series.items()):
         colour = colours[i % len(colours)]
-        line = [at(x, y) for x, y in sorted(values)]
+        labels = list((point_labels or {}).get(name, [""] * len(values)))
+        if len(labels) != len(values):
+            raise ValueError(f"point_labels: expected {len(values)} labels for series {name!r}, got {len(labels)}")
+        placed = sorted(zip(values, labels, strict=True))
+        line = [at(x, y) for (x, y), _ in placed]
         if len(line) > 1:
             draw.line(line, fill=colour, width=2)
-        for x, y in line:
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        for (x, y), (_, text) in zip(line, placed, strict=True):
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+            if text:
+                draw.text((min(x + 5, width - right - 8 * len(text)), max(y - 18, top + 2)), text, fill=colour,
+                          font=_font(12))
         draw.text((width - right - 160, top + 6 + 18 * i), name, fill=colour, font=font)
     return out
 

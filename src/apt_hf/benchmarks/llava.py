@@ -1,16 +1,21 @@
 """Stock LLaVA vs APT-LLaVA (packed and grid layouts) on real photographs, one run, random weights.
 
-    python scripts/benchmark.py llava [--preset cpu|7b] [--batch_size 4] [--repeats 3] [--device cpu]
+    python scripts/benchmark.py llava [--preset tiny|small|cpu|7b] [--batch_size 1 4 8] [--repeats 3] [--device cpu]
         [--dtype float32] [--thresholds 5.75] [--max_new_tokens 16] [--attn_implementation sdpa]
+        [--prefill padding-free|padded] [--json rows.json]
 
-Prefill = one forward of a batch of prompts (one photo each), logits for the last position only, as
-`generate` does; generation = `generate` with exactly `max_new_tokens` greedy tokens. Throughput is images
-per second, median over repeats after one warm-up, the three models interleaved. The ideal speedup is the
-FLOP ratio of the prefill from the actual token counts (tower, projector, language model), beside the
-measured one; "with batch padding" counts the language model at each batch's padded length, as it runs
-(packed prompts differ in length, so batches of several images pad to the longest). Presets: cpu = the
-reduced model of issue 4 (768x6 tower at 336/14, 1024x6 language model); 7b = LLaVA-1.5-7B's shapes
-(CLIP ViT-L/14-336 + Llama-2-7B), for a GPU in bf16.
+Prefill = one forward of a batch of prompts (one photo each), logits at each prompt's last token only, as `generate`
+does. By default it runs padding-free, for stock and APT alike: the padded batch is flattened into one row of the
+prompts back to back (`position_ids` restarting per prompt, no mask, no cache; on sdpa the language model uses
+`apt_sdpa_packed`, attention per prompt), so each prompt costs its own length and APT's shorter prompts stay short
+in a batch. `--prefill padded` runs the padded batch instead (every prompt at the batch's longest). Generation =
+`generate` with exactly `max_new_tokens` greedy tokens, on the padded batch (it keeps a cache). The same
+`--num_images` photos run at every `--batch_size`. Throughput is images per second, median over repeats after one
+warm-up, the three models interleaved. The ideal speedup is the FLOP ratio of the prefill from the token counts as
+they run (tower, projector, language model; padded lengths only with `--prefill padded`), beside the measured one.
+Presets (tower at 336/14, language model): tiny (32x2, 64x2; a smoke test), small (384x4, 512x4: issue 13's
+reduced model), cpu (768x6, 1024x6: issue 4's), 7b (CLIP ViT-L/14-336 + Llama-2-7B's shapes, for a GPU in bf16;
+built directly on the device, with the tiny tokenizer's 512-token vocabulary instead of 32000).
 """
 
 from __future__ import annotations
@@ -26,23 +31,32 @@ import torch
 import transformers
 
 from ..modeling_apt_llava import AptLlavaForConditionalGeneration
+from ..padding_free import flatten_padded_batch
 from ..processing_apt_llava import AptLlavaProcessor
 from ..sample_images import load_photos
 from ..tiny import build_tiny_llava, tiny_vision_config
-from .timing import timed
+from ..training.packed_lm_attention import register as register_packed_sdpa
+from .results import row, write_json
+from .timing import peak_memory, timed
 
-PRESETS = {
+PRESETS = {  # (hidden, layers, heads, mlp) of the tower and of the language model
+    "tiny": {"vision": (32, 2, 4, 128), "text": (64, 2, 4, 128)},
+    "small": {"vision": (384, 4, 6, 1536), "text": (512, 4, 8, 1408)},
     "cpu": {"vision": (768, 6, 12, 3072), "text": (1024, 6, 16, 2816)},
     "7b": {"vision": (1024, 24, 16, 4096), "text": (4096, 32, 32, 11008)},
 }
 PROMPT = "USER: <image>\nDescribe the image in one sentence. ASSISTANT:"
+PREFILL_MODES = ("padding-free", "padded")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmark.py llava", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, nargs="+", default=[1, 4, 8],
+                        help="one or more batch sizes, each run on the same --num_images photos")
+    parser.add_argument("--num_images", type=int, default=8,
+                        help="photos per measurement (scikit-image's ten, repeated beyond ten)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[5.75])
@@ -50,13 +64,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--prefill", choices=PREFILL_MODES, default="padding-free",
+                        help="padding-free (default): each batch flattened into one row; padded: as the processor "
+                             "pads it")
     parser.add_argument("--skip_generation", action="store_true")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall-clock time, or this process's CPU time (robust on a busy machine; CPU only)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file (for gpu_check)")
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.device != "cpu":
         parser.error("--clock cpu: only meaningful with --device cpu")
+    if args.repeats < 1 or args.num_images < 1 or args.max_new_tokens < 1:
+        parser.error("--repeats, --num_images and --max_new_tokens: expected >= 1")
+    bad = [b for b in args.batch_size if b < 1 or args.num_images % b]
+    if bad:
+        parser.error(f"--batch_size: expected divisors of --num_images {args.num_images} (so that every batch size "
+                     f"runs the same photos), got {bad}")
     args.dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     return args
 
@@ -76,16 +100,51 @@ def prefill_flops(model: Any, vision_tokens: Sequence[int], text_lengths: Sequen
     return tower + projector + text
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_stock_llava(preset: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+                      ) -> tuple[transformers.LlavaForConditionalGeneration, transformers.LlavaProcessor]:
+    """A stock LLaVA-1.5 of the preset's shapes with random weights, and its processor.
+
+    The weights are created and initialised on `device` itself (a 7B model is never materialised on the CPU,
+    whose random init alone would take minutes), then cast to `dtype`.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    vision_hidden, vision_layers, vision_heads, vision_mlp = PRESETS[preset]["vision"]
+    text_hidden, text_layers, text_heads, text_mlp = PRESETS[preset]["text"]
+    vision = tiny_vision_config(hidden_size=vision_hidden, layers=vision_layers, heads=vision_heads, image_size=336,
+                                patch_size=14, intermediate_size=vision_mlp)
+    with torch.device(device):
+        stock, processor = build_tiny_llava(vision=vision, text_hidden_size=text_hidden, text_layers=text_layers,
+                                            text_heads=text_heads, intermediate_size=text_mlp)
+    return stock.to(dtype=dtype), processor
+
+
+def prefill_kwargs(batch: dict[str, Any], padding_free: bool) -> dict[str, Any]:
+    """Keyword arguments of one prefill forward of a padded processor batch, logits at each prompt's last token.
+
+    Padded: the batch as it is, `logits_to_keep=1` (prompts are left-padded). Padding-free: one flattened row
+    (`flatten_padded_batch`) and the row positions of each prompt's last token.
+    """
+    if not padding_free:
+        return {**batch, "logits_to_keep": 1}
+    last = batch["attention_mask"].sum(-1).cumsum(0) - 1
+    return {**flatten_padded_batch(dict(batch)), "logits_to_keep": last}
+
+
+def attention_lengths(kwargs: dict[str, Any]) -> list[int]:
+    """Lengths the language model attends over in one prefill: each prompt (flattened row), or each padded row."""
+    if "position_ids" in kwargs:
+        starts = (kwargs["position_ids"][0] == 0).nonzero().flatten().tolist() + [kwargs["input_ids"].shape[1]]
+        return [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    return [int(kwargs["input_ids"].shape[1])] * kwargs["input_ids"].shape[0]
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    vision_hidden, vision_layers, vision_heads, vision_mlp = PRESETS[args.preset]["vision"]
-    text_hidden, text_layers, text_heads, text_mlp = PRESETS[args.preset]["text"]
-    vision = tiny_vision_config(hidden_size=vision_hidden, layers=vision_layers, heads=vision_heads, image_size=336,
-                                patch_size=14, intermediate_size=vision_mlp)
-    stock, stock_processor = build_tiny_llava(vision=vision, text_hidden_size=text_hidden, text_layers=text_layers,
-                                              text_heads=text_heads, intermediate_size=text_mlp)
+    padding_free = args.prefill == "padding-free"
+    stock, stock_processor = build_stock_llava(args.preset, args.device, args.dtype)
     stock.set_attn_implementation(args.attn_implementation)
     models = {"stock": (stock, stock_processor)}
     for layout in ("packed", "grid"):
@@ -94,66 +153,101 @@ def main(argv: Sequence[str] | None = None) -> None:
         processor = AptLlavaProcessor.from_llava_processor(stock_processor, vision_feature_layout=layout,
                                                            thresholds=args.thresholds)
         models[f"APT {layout}"] = (model, processor)
+    text_attn = args.attn_implementation
+    if padding_free and args.attn_implementation == "sdpa":  # sdpa would attend over the whole flattened row
+        text_attn = register_packed_sdpa()
     for model, _ in models.values():
         model.to(device=args.device, dtype=args.dtype).eval()
+        if text_attn != args.attn_implementation:
+            model.set_attn_implementation({"text_config": text_attn})
 
     photos = list(load_photos().values())
-    batches = [photos[i:i + args.batch_size] for i in range(0, len(photos) - args.batch_size + 1, args.batch_size)]
-    inputs = {name: [processor(images=b, text=[PROMPT] * len(b), return_tensors="pt", padding=True)
-                     .to(args.device) for b in batches] for name, (_, processor) in models.items()}
-    for batch_inputs in inputs.values():
-        for batch in batch_inputs:
-            if batch["pixel_values"].is_floating_point():
-                batch["pixel_values"] = batch["pixel_values"].to(args.dtype)
-    n_images = sum(len(b) for b in batches)
+    photos = (photos * (args.num_images // len(photos) + 1))[: args.num_images]
+    inputs: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for size in args.batch_size:
+        for name, (_, processor) in models.items():
+            batches = []
+            for i in range(0, args.num_images, size):
+                batch = processor(images=photos[i:i + size], text=[PROMPT] * size, return_tensors="pt",
+                                  padding=True).to(args.device)
+                if batch["pixel_values"].is_floating_point():
+                    batch["pixel_values"] = batch["pixel_values"].to(args.dtype)
+                batches.append(dict(batch))
+            inputs[(size, name)] = batches
+    prefill_inputs = {key: [prefill_kwargs(b, padding_free) for b in batches] for key, batches in inputs.items()}
 
-    def prefill(name: str) -> Callable[[], Any]:
+    def prefill(size: int, name: str) -> Callable[[], Any]:
         model = models[name][0]
-        return lambda: [model(**batch, logits_to_keep=1) for batch in inputs[name]]
+        return lambda: [model(**kwargs) for kwargs in prefill_inputs[(size, name)]]
 
-    def generate(name: str) -> Callable[[], Any]:
+    def generate(size: int, name: str) -> Callable[[], Any]:
         model = models[name][0]
         return lambda: [model.generate(**batch, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                                       do_sample=False) for batch in inputs[name]]
+                                       do_sample=False) for batch in inputs[(size, name)]]
 
     phases = {"prefill": prefill} if args.skip_generation else {"prefill": prefill, "generation": generate}
-    times: dict[tuple[str, str], list[float]] = {(p, n): [] for p in phases for n in models}
+    times: dict[tuple[str, int, str], list[float]] = {}
+    memory: dict[tuple[str, int, str], float | None] = {}
     for phase, make in phases.items():
-        for name in models:  # warm-up
-            timed(make(name), args.device, args.clock)
-        for _ in range(args.repeats):
-            for name in models:
-                times[(phase, name)].append(timed(make(name), args.device, args.clock))
+        for size in args.batch_size:
+            for name in models:  # warm-up, then peak memory (None off CUDA)
+                timed(make(size, name), args.device, args.clock)
+                memory[(phase, size, name)] = peak_memory(make(size, name), args.device)
+            for _ in range(args.repeats):
+                for name in models:
+                    times.setdefault((phase, size, name), []).append(timed(make(size, name), args.device, args.clock))
 
     image_token = stock.config.image_token_id
-    stats = {}
-    for name, (model, _) in models.items():
-        lm_visual = sum(int((b["input_ids"] == image_token).sum()) for b in inputs[name])
-        lengths = [int(n) for b in inputs[name] for n in b["attention_mask"].sum(-1)]
-        tower_tokens = ([int(t) for b in inputs[name] for t in b["tokens_per_image"]] if "tokens_per_image" in
-                        inputs[name][0] else [24 * 24] * n_images)
-        padded = [b["input_ids"].shape[1] for b in inputs[name] for _ in range(b["input_ids"].shape[0])]
-        stats[name] = (lm_visual / n_images, prefill_flops(model, tower_tokens, lengths, lm_visual),
-                       prefill_flops(model, tower_tokens, padded, lm_visual))
+    stats: dict[tuple[int, str], tuple[float, float, float]] = {}
+    for (size, name), kwargs_list in prefill_inputs.items():
+        batches = inputs[(size, name)]
+        lm_visual = sum(int((b["input_ids"] == image_token).sum()) for b in batches)
+        lengths = [n for kwargs in kwargs_list for n in attention_lengths(kwargs)]
+        tower_tokens = ([int(t) for b in batches for t in b["tokens_per_image"]] if "tokens_per_image" in batches[0]
+                        else [(336 // 14) ** 2] * args.num_images)
+        stats[(size, name)] = (lm_visual / args.num_images, sum(lengths) / args.num_images,
+                               prefill_flops(models[name][0], tower_tokens, lengths, lm_visual))
 
+    cuda = args.device.startswith("cuda")
+    dtype = str(args.dtype).split(".")[-1]
+    vh, vl = PRESETS[args.preset]["vision"][:2]
+    th, tl = PRESETS[args.preset]["text"][:2]
+    where = (torch.cuda.get_device_name() if cuda else f"{platform.machine()} x{os.cpu_count()}, "
+             f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     print(f"## LLaVA-1.5 ({args.preset} preset) stock vs APT, thresholds {args.thresholds}\n")
-    print(f"{n_images} photos in batches of {args.batch_size}; {args.device} {str(args.dtype).split('.')[-1]}, "
-          f"attn {args.attn_implementation}; tower {vision_hidden}x{vision_layers} at 336/14, language model "
-          f"{text_hidden}x{text_layers}; median of {args.repeats} ({args.clock} clock); torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, {platform.machine()} "
-          f"x{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}\n")
-    header = "| model | visual tokens to LM / image | ideal prefill speedup | ideal with batch padding |"
-    header += "".join(f" {p} img/s | {p} speedup |" for p in phases)
+    print(f"{args.num_images} photos at batch sizes {args.batch_size}; prefill {args.prefill} (stock and APT alike"
+          f"{', language model on ' + text_attn if padding_free else ''}), generation padded with a cache; "
+          f"{args.device} {dtype}, attn {args.attn_implementation}; tower {vh}x{vl} at 336/14, language model "
+          f"{th}x{tl}; median of {args.repeats} ({args.clock} clock); torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, {where}\n")
+    header = ("| batch | model | visual tokens to LM / image | LM tokens run / image | ideal prefill speedup |"
+              " prefill img/s | prefill speedup |" + (" prefill peak GiB |" if cuda else ""))
+    if "generation" in phases:
+        header += " generation img/s | generation speedup |" + (" generation peak GiB |" if cuda else "")
     print(header)
-    print("| --- " * (4 + 2 * len(phases)) + "|")
-    for name in models:
-        row = (f"| {name} | {stats[name][0]:.0f} | {stats['stock'][1] / stats[name][1]:.2f}x | "
-               f"{stats['stock'][2] / stats[name][2]:.2f}x |")
-        for phase in phases:
-            seconds = statistics.median(times[(phase, name)])
-            speedup = statistics.median(times[(phase, "stock")]) / seconds
-            row += f" {n_images / seconds:.2f} | {speedup:.2f}x |"
-        print(row)
+    print("|" + " --- |" * (header.count("|") - 1))
+    rows: dict[tuple[str, int], list[dict[str, Any]]] = {(phase, size): [] for phase in phases for size in
+                                                          args.batch_size}
+    setting = f"{args.preset}, {dtype}, {args.attn_implementation}, {args.thresholds}"
+    for size in args.batch_size:
+        for name in models:
+            visual, lm_run, flops = stats[(size, name)]
+            ideal = stats[(size, "stock")][2] / flops
+            line = f"| {size} | {name} | {visual:.0f} | {lm_run:.0f} | {ideal:.2f}x |"
+            for phase in phases:
+                seconds = statistics.median(times[(phase, size, name)])
+                speedup = statistics.median(times[(phase, size, "stock")]) / seconds
+                peak = memory[(phase, size, name)]
+                line += f" {args.num_images / seconds:.2f} | {speedup:.2f}x |" + (f" {peak:.2f} |" if cuda else "")
+                check = (f"LLaVA prefill ({args.prefill}), batch {size}" if phase == "prefill" else
+                         f"LLaVA generation ({args.max_new_tokens} tokens, padded), batch {size}")
+                rows[(phase, size)].append(row(
+                    f"{check} [{setting}]", name, f"{args.num_images / seconds:.2f} img/s", tokens=visual,
+                    speedup=speedup, ideal=ideal if phase == "prefill" else None, peak_gib=peak))
+            print(line)
+    flat = [r for group in rows.values() for r in group]  # grouped by phase, then batch size
+    write_json(args.json, flat, suite="llava", preset=args.preset)
+    return flat
 
 
 if __name__ == "__main__":

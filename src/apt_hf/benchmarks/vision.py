@@ -2,7 +2,8 @@
 
     python scripts/benchmark.py vision                                  # CPU: ViT-B/16 at 384, S=2 [5.5]
     python scripts/benchmark.py vision --family clip --size large --image_size 336 --patch_size 14 \\
-        --device cuda --dtype bfloat16 --batch 64 --attn sdpa flex_attention varlen flash_attention_2
+        --device cuda --dtype bfloat16 --batch 64 --attn all      # every backend this machine can run
+
 
 Models are built from configs with random weights (timing does not depend on the values; pass --model for a
 real checkpoint). The photos (scikit-image's bundled set, repeated to --batch) go through AptImageProcessor;
@@ -14,7 +15,9 @@ the stock model gets exactly the same pixels, dense. Rows:
 Ideal speedup = FLOP ratio from token counts: per layer 12 n D^2 (projections + MLP) + 2 n^2 D (attention) with
 n tokens per image, plus the patch embedding and, for APT, its merge conv / zero-MLP / resized-patch embedding.
 Times are the best of --repeats forward passes after a warm-up, stock and APT interleaved; on a shared machine
-use --threads 1 --clock cpu (process CPU time, insensitive to other processes; CPU device only).
+use --threads 1 --clock cpu (process CPU time, insensitive to other processes; CPU device only). On CUDA each
+run's peak memory (torch.cuda.max_memory_allocated over one forward) is reported too. `--attn all` times APT on
+every backend of ATTN_CANDIDATES that this machine can run and lists the others with the reason.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import transformers
 from ..dtypes import TORCH_DTYPES
 from ..patchify import PatchLayout, unpack_base_patches
 from ..sample_images import PHOTOS, load_photos
+from .results import row, write_json
 from .timing import peak_memory, timed
 
 SIZES = {  # hidden, layers, heads, mlp
@@ -40,6 +44,7 @@ SIZES = {  # hidden, layers, heads, mlp
     "large": (1024, 24, 16, 4096),
     "huge": (1280, 32, 16, 5120),
 }
+ATTN_CANDIDATES = ("sdpa", "apt_varlen", "flash_attention_2", "flash_attention_3", "flex_attention", "eager")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -54,7 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32")
     parser.add_argument("--attn", nargs="*", default=None,
-                        help="attention implementations to time APT with (default: the device's default)")
+                        help="attention implementations to time APT with (default: the device's default; 'all': "
+                             "every one this machine can run)")
     parser.add_argument("--num_scales", type=int, default=2)
     parser.add_argument("--thresholds", type=float, nargs="*", default=[5.5])
     parser.add_argument("--scorer", default="entropy")
@@ -62,6 +68,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: all)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall-clock time, or this process's CPU time (robust on a busy machine; CPU only)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file (for gpu_check)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.batch < 1:
         parser.error("--repeats and --batch: expected >= 1")
@@ -134,7 +141,23 @@ def forward_flops(config: Any, layout: PatchLayout, apt: bool) -> float:
     return float(flops)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def available_attn_implementations(model: torch.nn.Module, candidates: Sequence[str] = ATTN_CANDIDATES
+                                   ) -> tuple[list[str], dict[str, str]]:
+    """The candidates `model` accepts on this machine, and for each other one the reason it gave (its ValueError)."""
+    original = model.config._attn_implementation
+    available, missing = [], {}
+    for name in candidates:
+        try:
+            model.set_attn_implementation(name)
+        except (ValueError, ImportError) as err:
+            missing[name] = str(err).split("; ")[0].split(" (")[0]  # the reason, without the install hint
+        else:
+            available.append(name)
+    model.set_attn_implementation(original)
+    return available, missing
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,33 +171,47 @@ def main(argv: Sequence[str] | None = None) -> None:
     to_device_uniform = {k: v.to(device) for k, v in uniform.items()}
     dense = dense.to(device)  # float32, as processors return: both models cast to their dtype, and the dense
     # APT path recovers the exact 8-bit image from it (half precision would perturb the layout)
-    backends = args.attn or [apt.config._attn_implementation]
+    missing: dict[str, str] = {}
+    if args.attn == ["all"]:
+        backends, missing = available_attn_implementations(apt)
+    else:
+        backends = args.attn or [apt.config._attn_implementation]
 
-    runs: dict[str, Callable[[], Any]] = {"stock": lambda: stock(dense)}
+    runs: dict[str, tuple[str | None, Callable[[], Any]]] = {"stock": (None, lambda: stock(dense))}
     for backend in backends:
         runs[f"APT [-1] {backend}"] = (backend, lambda: apt(**to_device_uniform))
         runs[f"APT {backend}"] = (backend, lambda: apt(**to_device))
         runs[f"APT dense {backend}"] = (backend, lambda: apt(dense))
 
     def call(name: str) -> Any:
-        entry = runs[name]
-        if isinstance(entry, tuple):
-            if apt.config._attn_implementation != entry[0]:
-                apt.set_attn_implementation(entry[0])
-            return entry[1]()
-        return entry()
+        backend, fn = runs[name]
+        if backend is not None and apt.config._attn_implementation != backend:
+            apt.set_attn_implementation(backend)
+        return fn()
 
     stock_attn = stock.config._attn_implementation
-    times: dict[str, list[float]] = {name: [] for name in runs}
     memory: dict[str, float | None] = {}
     with torch.inference_mode():
-        for name in runs:  # warm-up (and compile of flex attention)
-            call(name)
+        for name in list(runs):  # warm-up (and compile of flex attention); a backend that fails here is reported
+            backend = runs[name][0]
+            if backend in missing:
+                del runs[name]
+                continue
+            try:
+                call(name)
+            except Exception as err:  # noqa: BLE001 - a kernel that imports but cannot run here: report, go on
+                if backend is None:
+                    raise
+                missing[backend] = f"failed at run time: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                del runs[name]
+                continue
             memory[name] = peak_memory(lambda name=name: call(name), device)
+        times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name in runs:
                 times[name].append(timed(lambda name=name: call(name), device, args.clock))
     ms = {name: 1e3 * min(t) for name, t in times.items()}
+    backends = [b for b in backends if b not in missing]
 
     stock_flops = forward_flops(config, PatchLayout.from_inputs(uniform), apt=False)
     merged_flops = forward_flops(config, PatchLayout.from_inputs(merged), apt=True)
@@ -182,8 +219,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     cells = int(PatchLayout.from_inputs(uniform).image_grid_hw.prod(-1).sum())
     kept = int(merged["tokens_per_image"].sum())
 
-    print(f"## APT vs stock {type(stock).__name__}: {args.family} {args.size if not args.model else args.model}, "
-          f"{image_size}/{patch}, batch {args.batch}, {args.dtype} on {device}\n")
+    model_name = f"{args.family} {args.size if not args.model else args.model}"
+    print(f"## APT vs stock {type(stock).__name__}: {model_name}, {image_size}/{patch}, batch {args.batch}, "
+          f"{args.dtype} on {device}\n")
     where = (torch.cuda.get_device_name() if device.startswith("cuda") else
              f"{platform.machine()} x{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, load average "
              f"{os.getloadavg()[0]:.1f}")
@@ -196,16 +234,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
     tokens_uniform = cells / args.batch
+    check = (f"vision {model_name} {image_size}/{patch}, {args.dtype}, batch {args.batch}, "
+             f"{args.scorer} {args.thresholds}")
+    rows = []
     for name in runs:
         is_merged = name.startswith("APT") and "[-1]" not in name
         tokens = kept / args.batch if is_merged else tokens_uniform
         ideal = stock_flops / (merged_flops if is_merged else (uniform_flops if name != "stock" else stock_flops))
         speedup = ms["stock"] / ms[name]
-        row = (f"| {name} | {tokens:.1f} | {100 * tokens / tokens_uniform:.1f}% | {ms[name]:.1f} | {speedup:.3f}x | "
-               f"{ideal:.3f}x | {100 * speedup / ideal:.1f}% |")
+        line = (f"| {name} | {tokens:.1f} | {100 * tokens / tokens_uniform:.1f}% | {ms[name]:.1f} | {speedup:.3f}x | "
+                f"{ideal:.3f}x | {100 * speedup / ideal:.1f}% |")
         if device.startswith("cuda"):
-            row += f" {memory[name]:.2f} |"
-        print(row)
+            line += f" {memory[name]:.2f} |"
+        print(line)
+        rows.append(row(check, name if name != "stock" else f"stock ({stock_attn})", f"{ms[name]:.1f} ms / batch",
+                        tokens=tokens, speedup=speedup, ideal=ideal, peak_gib=memory[name]))
     print()
     for backend in backends:
         overhead = ms[f"APT [-1] {backend}"] / ms["stock"] - 1
@@ -213,6 +256,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"- {backend}: overhead with nothing merged {100 * overhead:+.1f}% (goal <= 2%: "
               f"{'met' if overhead <= 0.02 else 'NOT met'}); measured speedup {100 * ratio:.0f}% of ideal "
               f"(goal >= 90%: {'met' if ratio >= 0.9 else 'NOT met'})")
+    for backend, reason in missing.items():
+        print(f"- {backend}: not run ({reason})")
+        rows.append(row(check, f"APT {backend}", f"not run: {reason}"))
+    write_json(args.json, rows, suite="vision")
+    return rows
 
 
 if __name__ == "__main__":

@@ -218,7 +218,8 @@ def write_results(rows: list[dict[str, Any]], output_dir: Path, header: dict[str
     series = {"top-1": [(r["images_per_second"], 100 * r["top1"]) for r in rows],
               "top-5": [(r["images_per_second"], 100 * r["top5"]) for r in rows]}
     title = f"{Path(header['model']).name}: accuracy vs images/s ({len(rows)} threshold settings)"
-    line_chart(series, title, "images / s", "accuracy %").save(paths["png"])
+    labels = {"top-1": [_label(r["thresholds"]).split(" ")[0] for r in rows]}
+    line_chart(series, title, "images / s", "accuracy %", point_labels=labels).save(paths["png"])
     return paths
 
 
