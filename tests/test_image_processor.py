@@ -14,7 +14,7 @@ from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil
 from transformers.utils import is_torchvision_available
 
 from apt_hf.image_processing_apt import APT_IMAGE_KEYS, AptImageProcessor, AptImageProcessorPil
-from apt_hf.patchify import PatchLayout, compute_layout, unpack_base_patches, validate_layout
+from apt_hf.patchify import PatchLayout, compute_layout, recover_uint8, unpack_base_patches, validate_layout
 from apt_hf.sample_images import load_photos
 
 LLAVA_336 = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
@@ -118,6 +118,67 @@ def test_image_modes_are_converted_like_clip(photos, mode, backend):
     stock = clip_cls(**SMALL)(image, return_tensors="pt")["pixel_values"]
     batch = apt_cls(**SMALL)(image, return_tensors="pt")
     assert torch.equal(processed_images(batch), stock)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("scale, do_rescale", [(255.0, True), (1.0, False)])
+def test_float_images_equal_transformers_and_stay_unchanged(photos, backend, scale, do_rescale):
+    """Float pixels (0..255 to be rescaled, or [0, 1]) are scored on their 8-bit view and normalized as stock."""
+    apt_cls, clip_cls, _ = BACKENDS[backend]
+    images = [np.asarray(photo, dtype=np.float32) * (scale / 255) for photo in photos[:2]]
+    copies = [image.copy() for image in images]
+    stock = clip_cls(do_rescale=do_rescale, **SMALL)(images, return_tensors="pt")["pixel_values"]
+    batch = apt_cls(do_rescale=do_rescale, **SMALL)(images, return_tensors="pt")
+    assert torch.equal(processed_images(batch), stock)
+    assert all(np.array_equal(image, copy) for image, copy in zip(images, copies, strict=True))  # inputs untouched
+    eight_bit = clip_cls(do_rescale=False, do_normalize=False, **SMALL)(images, return_tensors="pt")["pixel_values"]
+    expected = compute_layout(recover_uint8(eight_bit, None, None, scale / 255), 14, 2, [5.75])
+    assert torch.equal(batch["patch_scales"], expected.patch_scales)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_grouping_by_shape_does_not_change_outputs(photos, backend):
+    """Images of a size are scored and packed as one batch where grouped (transformers' default off the CPU, or
+    disable_grouping=False), one by one where not; the outputs are the same, in input order."""
+    apt_cls, _, _ = BACKENDS[backend]
+    wide, tall = np.asarray(photos[0].resize((168, 112))), np.asarray(photos[1].resize((112, 168)))
+    images = [tall, wide, tall, np.asarray(photos[2].resize((168, 112))), tall]
+    processor = apt_cls(do_resize=False, do_center_crop=False)
+    outputs = [processor(images, disable_grouping=flag, return_tensors="pt") for flag in (False, True, None)]
+    one_by_one = [processor([image], return_tensors="pt") for image in images]
+    assert outputs[0]["image_grid_hw"].tolist() == [[12, 8], [8, 12], [12, 8], [8, 12], [12, 8]]
+    for key in APT_IMAGE_KEYS:
+        expected = torch.cat([o[key] for o in one_by_one])
+        assert all(torch.equal(o[key], expected) for o in outputs), key
+
+
+@torchvision_only
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
+def test_device_argument(photos, device):
+    """device= as transformers' torchvision processors take it: preprocessing, scoring and outputs on it."""
+    processor = AptImageProcessor(**SMALL)
+    batch = processor(photos[:3], device=device, return_tensors="pt")
+    assert {value.device for value in batch.values()} == {torch.device(device)}
+    assert_same_outputs(batch, processor(photos[:3], return_tensors="pt"))
+    empty = processor([], device=device, return_tensors="pt")
+    assert set(empty) == set(APT_IMAGE_KEYS) and {v.device for v in empty.values()} == {torch.device(device)}
+
+
+@torchvision_only
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_cuda_equals_stock_on_cuda(photos):
+    """On the GPU: the stock processor's own GPU pixels, bit for bit, and the layout of its 8-bit GPU image."""
+    from transformers import CLIPImageProcessor
+
+    batch = AptImageProcessor(**LLAVA_336)(photos, device="cuda", return_tensors="pt")
+    assert {value.device.type for value in batch.values()} == {"cuda"}
+    stock = CLIPImageProcessor(**LLAVA_336)(photos, device="cuda", return_tensors="pt")["pixel_values"]
+    assert torch.equal(processed_images(batch), stock)
+    eight_bit = CLIPImageProcessor(do_rescale=False, do_normalize=False, **LLAVA_336)(
+        photos, device="cuda", return_tensors="pt")["pixel_values"]
+    expected = compute_layout(eight_bit, 14, 2, [5.75])
+    for key in PatchLayout.KEYS:
+        assert torch.equal(batch[key], getattr(expected, key)), key
 
 
 def test_save_load_round_trip_and_auto(tmp_path, photos):

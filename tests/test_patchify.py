@@ -880,3 +880,12 @@ def test_interpolate_rule_matches_reference_bilinear() -> None:
         want = torch.tensor(ref_bilinear(x.tolist(), oh, ow), dtype=torch.float64)
         got = F.interpolate(x[None, None], size=(oh, ow), mode="bilinear", align_corners=False)[0, 0]
         torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+
+
+def test_recover_uint8_leaves_its_input_alone():
+    from apt_hf.patchify import recover_uint8
+
+    pixels = torch.tensor([[[[0.4, 254.6], [12.5, 3.2]]]] * 3).view(1, 3, 2, 2).float()
+    before = pixels.clone()
+    out = recover_uint8(pixels, None, None, 1.0)
+    assert out.dtype == torch.uint8 and torch.equal(pixels, before)

@@ -7,11 +7,13 @@ image the model sees is recovered from them by undoing normalize and rescale (ex
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import group_images_by_shape
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import is_torchvision_available, logging
@@ -24,6 +26,7 @@ from .patchify import (
     pack_base_patches,
     recover_uint8,
     replace_apt_settings,
+    select_images,
     thresholds_or_default,
     validate_apt_fields,
     validate_image_size,
@@ -139,43 +142,50 @@ class AptImageProcessingMixin:
         return_tensors: str | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
-        """The backend's pad / resize / crop, scoring on that 8-bit image, then its own rescale / normalize."""
+        """The backend's pad / resize / crop; then, per group of same-size images, scoring on that 8-bit batch,
+        packing, and the backend's own rescale / normalize of the packed patches (elementwise, so the pixels are the
+        backend's, bit for bit). Everything stays on the images' device (`device=` on the torchvision backend)."""
         thresholds = validate_apt_fields(num_scales, thresholds, scorer, entropy_bins, patch_size)
         if not images:  # text-only batches ([] or [[], []]), as the stock processors accept them
-            return BatchFeature(data=_empty_batch(patch_size), tensor_type=return_tensors)
+            device = kwargs.get("device") if self.backend == "torchvision" else None  # the PIL backend: CPU
+            return BatchFeature(data=_empty_batch(patch_size, device), tensor_type=return_tensors)
         for i, image in enumerate(images):
             _check_input_values(image, i)
         resized = super()._preprocess(images, do_rescale=False, rescale_factor=rescale_factor, do_normalize=False,
                                       image_mean=image_mean, image_std=image_std, return_tensors=None, **kwargs)
-        resized = resized["pixel_values"]
+        resized = [_as_tensor(image) for image in resized["pixel_values"]]
         for i, image in enumerate(resized):
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"images: expected 3-channel (RGB) images after conversion, image {i} has shape "
                                  f"{tuple(image.shape)}; pass do_convert_rgb=True or RGB images")
             validate_image_size(image.shape[1], image.shape[2], patch_size,
                                 setting="size / crop_size (or do_center_crop)")
-        pixels = [_as_float_tensor(self._rescale_and_normalize(image, do_rescale, rescale_factor, do_normalize,
-                                                               image_mean, image_std)) for image in resized]
-        eight_bit = [_as_uint8(torch.as_tensor(image), do_rescale) for image in resized]
-        packed, layouts = _pack_in_order(pixels, eight_bit, patch_size, num_scales, thresholds, scorer, entropy_bins)
-        data = {
-            "pixel_values": packed,
-            **layouts.as_dict(),
-        }
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        # Grouped as transformers groups: by default one batch per shape off the CPU, one image at a time on it
+        # (scoring is memory-bound there, and one image's working set stays in cache).
+        grouped, grouped_index = group_images_by_shape(resized, disable_grouping=kwargs.get("disable_grouping"))
+        packed, layouts = [], []
+        for stacked in grouped.values():
+            layout = compute_layout(_as_uint8(stacked, do_rescale), patch_size, num_scales, thresholds, scorer,
+                                    entropy_bins)
+            cells = pack_base_patches(stacked, layout, patch_size)
+            packed.append(self._rescale_and_normalize(cells, do_rescale, rescale_factor, do_normalize, image_mean,
+                                                      image_std).float())
+            layouts.append(layout)
+        pixel_values, layout = _in_input_order(packed, layouts, list(grouped), grouped_index)
+        return BatchFeature(data={"pixel_values": pixel_values, **layout.as_dict()}, tensor_type=return_tensors)
 
-    def _rescale_and_normalize(self, image: Any, do_rescale: bool, rescale_factor: float, do_normalize: bool,
-                               image_mean: Any, image_std: Any) -> Any:
-        """Exactly what the backend's own `_preprocess` does after cropping (overridden per backend)."""
+    def _rescale_and_normalize(self, cells: torch.Tensor, do_rescale: bool, rescale_factor: float, do_normalize: bool,
+                               image_mean: Any, image_std: Any) -> torch.Tensor:
+        """What the backend's own `_preprocess` does after cropping, applied to packed (N, C, p, p) patches
+        (overridden per backend)."""
         raise NotImplementedError
 
 
-def _empty_batch(patch_size: int) -> dict[str, torch.Tensor]:
+def _empty_batch(patch_size: int, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """The processor's keys for no images at all (a model given them encodes no image)."""
-    long = torch.int64
-    return {"pixel_values": torch.zeros((0, 3, patch_size, patch_size)), "patch_scales": torch.zeros(0, dtype=long),
-            "patch_positions": torch.zeros((0, 2), dtype=long), "tokens_per_image": torch.zeros(0, dtype=long),
-            "image_grid_hw": torch.zeros((0, 2), dtype=long)}
+    long = partial(torch.zeros, dtype=torch.int64, device=device)
+    return {"pixel_values": torch.zeros((0, 3, patch_size, patch_size), device=device), "patch_scales": long(0),
+            "patch_positions": long((0, 2)), "tokens_per_image": long(0), "image_grid_hw": long((0, 2))}
 
 
 def _check_image_inputs(images: Any, where: str = "images") -> None:
@@ -194,79 +204,81 @@ def _check_image_inputs(images: Any, where: str = "images") -> None:
                              "with .float() (values in [0, 1] or 0..255 as for float32)")
 
 
-def _as_float_tensor(image: Any) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image).float()
-
-
-def _as_uint8(image: torch.Tensor, do_rescale: bool) -> torch.Tensor:
-    """The 8-bit view of a resized image: itself, or float data in 0..255 (to be rescaled) or in [0, 1]."""
-    if image.dtype == torch.uint8:
+def _as_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A resized image as a tensor: the PIL backend's arrays shared, not copied (read-only ones are copied, as torch
+    does not share them)."""
+    if isinstance(image, torch.Tensor):
         return image
-    return recover_uint8(image, None, None, 1.0 if do_rescale else 1 / 255, name="images", check_finite=False)
+    return torch.from_numpy(image if image.flags.writeable else image.copy())
+
+
+def _as_uint8(images: torch.Tensor, do_rescale: bool) -> torch.Tensor:
+    """The 8-bit view of resized images: themselves, or float data in 0..255 (to be rescaled) or in [0, 1]."""
+    if images.dtype == torch.uint8:
+        return images
+    return recover_uint8(images, None, None, 1.0 if do_rescale else 1 / 255, name="images", check_finite=False)
 
 
 def _check_input_values(image: Any, index: int) -> None:
-    """Refuse NaN/inf and integer data beyond 8 bits (e.g. 16-bit) instead of a silently wrong layout."""
+    """Refuse NaN/inf and integer data beyond 8 bits (e.g. 16-bit) instead of a silently wrong layout.
+
+    Tensors are checked where they are (on `device` for the torchvision backend), without a copy to the host."""
+    dtype = getattr(image, "dtype", None)
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if not isinstance(image, np.ndarray) or image.size == 0 or image.dtype in (np.uint8, np.bool_):
+        if image.numel() == 0 or dtype in (torch.uint8, torch.bool):
+            return
+        is_float, lib = image.is_floating_point() or image.is_complex(), torch
+        if not is_float:
+            image = image.to(torch.int64)  # min / max are not implemented for every integer dtype (e.g. uint16)
+    elif isinstance(image, np.ndarray):
+        if image.size == 0 or dtype in (np.uint8, np.bool_):
+            return
+        is_float, lib = dtype.kind in "fc", np
+    else:
         return
-    if image.dtype.kind == "f":
-        if not np.isfinite(image).all():
+    if is_float:
+        if not lib.isfinite(image).all():
             raise ValueError(f"images: expected finite pixel values, image {index} contains NaN or inf")
         return
     low, high = int(image.min()), int(image.max())
     if low < 0 or high > 255:
         raise ValueError(
-            f"images: expected 8-bit values 0..255, image {index} is {image.dtype} with range [{low}, {high}]; "
+            f"images: expected 8-bit values 0..255, image {index} is {dtype} with range [{low}, {high}]; "
             "convert it to 8-bit first (e.g. scale 16-bit data by 255 / 65535)"
         )
 
 
-def _batch(images: list[torch.Tensor], members: list[int]) -> torch.Tensor:
-    """Stack the group's images (a view, not a copy, for the common single image)."""
-    return images[members[0]][None] if len(members) == 1 else torch.stack([images[i] for i in members])
-
-
-def _pack_in_order(
-    pixels: list[torch.Tensor],
-    eight_bit: list[torch.Tensor],
-    patch_size: int,
-    num_scales: int,
-    thresholds: list[float],
-    scorer: str,
-    entropy_bins: int,
-) -> tuple[torch.Tensor, PatchLayout]:
-    """Patchify images grouped by size (one batched call per size), then restore the input order."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, p in enumerate(pixels):
-        groups.setdefault(tuple(p.shape), []).append(i)
-    per_image: list[tuple[torch.Tensor, PatchLayout]] = [None] * len(pixels)  # type: ignore[list-item]
-    for members in groups.values():
-        layout = compute_layout(_batch(eight_bit, members), patch_size, num_scales, thresholds, scorer, entropy_bins)
-        packed = pack_base_patches(_batch(pixels, members), layout, patch_size)
-        if len(groups) == 1:
-            return packed, layout
-        cells = (1 << (2 * layout.patch_scales)).split(layout.tokens_per_image.tolist())
-        patch_chunks = packed.split([int(c.sum()) for c in cells])
-        token_chunks = zip(layout.patch_scales.split(layout.tokens_per_image.tolist()),
-                           layout.patch_positions.split(layout.tokens_per_image.tolist()), strict=True)
-        for j, (i, chunk, (scales, positions)) in enumerate(zip(members, patch_chunks, token_chunks, strict=True)):
-            per_image[i] = (chunk, PatchLayout(scales, positions, layout.tokens_per_image[j: j + 1],
-                                               layout.image_grid_hw[j: j + 1]))
-    return torch.cat([chunk for chunk, _ in per_image]), concat_layouts([lay for _, lay in per_image])
+def _in_input_order(packed: list[torch.Tensor], layouts: list[PatchLayout], keys: list, grouped_index: dict
+                    ) -> tuple[torch.Tensor, PatchLayout]:
+    """Join the shape groups' patches and layouts, then put the images back in input order."""
+    pixel_values = packed[0] if len(packed) == 1 else torch.cat(packed)
+    layout = layouts[0] if len(layouts) == 1 else concat_layouts(layouts)
+    first, count = {}, 0
+    for key, group_layout in zip(keys, layouts, strict=True):
+        first[key] = count
+        count += len(group_layout.tokens_per_image)
+    position = [first[key] + i for key, i in (grouped_index[j] for j in range(len(grouped_index)))]
+    if position == list(range(count)):
+        return pixel_values, layout
+    return select_images(pixel_values, layout, torch.tensor(position, device=layout.tokens_per_image.device))
 
 
 class AptImageProcessorPil(AptImageProcessingMixin, LlavaImageProcessorPil):
     """APT image processor on transformers' PIL backend (no torchvision needed)."""
 
-    def _rescale_and_normalize(self, image: np.ndarray, do_rescale: bool, rescale_factor: float,
-                               do_normalize: bool, image_mean: Any, image_std: Any) -> np.ndarray:
+    def _rescale_and_normalize(self, cells: torch.Tensor, do_rescale: bool, rescale_factor: float,
+                               do_normalize: bool, image_mean: Any, image_std: Any) -> torch.Tensor:
+        if not (do_rescale or do_normalize):
+            return cells
+        n, channels, height, width = cells.shape
+        # The backend's numpy ops take channels-first images: the patches seen as one (C, N, p * p) image, a
+        # transposed view. numpy keeps that memory order through them, so the result is (N, C, p, p) again, uncopied.
+        image = cells.numpy().reshape(n, channels, height * width).transpose(1, 0, 2)
         if do_rescale:
             image = self.rescale(image, rescale_factor)
         if do_normalize:
             image = self.normalize(image, image_mean, image_std)
-        return image
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(1, 0, 2))).view(n, channels, height, width)
 
 
 if is_torchvision_available():
@@ -275,9 +287,9 @@ if is_torchvision_available():
     class AptImageProcessor(AptImageProcessingMixin, LlavaImageProcessor):
         """APT image processor on transformers' torchvision backend."""
 
-        def _rescale_and_normalize(self, image: torch.Tensor, do_rescale: bool, rescale_factor: float,
+        def _rescale_and_normalize(self, cells: torch.Tensor, do_rescale: bool, rescale_factor: float,
                                    do_normalize: bool, image_mean: Any, image_std: Any) -> torch.Tensor:
-            return self.rescale_and_normalize(image, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+            return self.rescale_and_normalize(cells, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
 
     AptImageProcessor.register_for_auto_class("AutoImageProcessor")
 

@@ -208,7 +208,7 @@ def recover_uint8(
         x = torch.addcmul(mean / factor, x, std / factor)  # (x * std + mean) / factor in one pass
     elif factor != 1.0:
         x = x / factor
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+    return x.round().clamp_(0, 255).to(torch.uint8)  # not round_: x may be the caller's own float32 tensor
 
 
 def _per_channel(values: float | Sequence[float], channels: int, name: str, device: torch.device) -> torch.Tensor:
@@ -246,10 +246,11 @@ def _gray_levels(images: torch.Tensor, bins: int) -> torch.Tensor:
     one of the 3.7M float32 gray values of 8-bit RGB lands in the same bin as histc puts it (tests check it).
     """
     tables = _gray_tables(str(images.device))
-    index = images.to(torch.int64)
-    gray = tables[0][index[:, 0]] + tables[1][index[:, 1]]
-    gray = gray + tables[2][index[:, 2]]
-    return torch.floor(gray * bins / 255).clamp_(max=bins - 1).to(torch.int32)
+    index = images.to(torch.int32).transpose(0, 1).flatten(1)  # (3, pixels); index_select: a fast 1-D gather
+    gray = tables[0].index_select(0, index[0]) + tables[1].index_select(0, index[1])
+    gray += tables[2].index_select(0, index[2])
+    level = gray.mul_(bins).div_(255).floor_().clamp_(max=bins - 1).to(torch.int32)
+    return level.view(images.shape[0], *images.shape[2:])
 
 
 def _full_grid(cells: int, factor: int) -> int:
@@ -289,7 +290,7 @@ def entropy_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int],
             counts = counts[:, : 2 * r, : 2 * c].view(b, r, 2, c, 2, bins).sum(dim=(2, 4))
         if s in scales:
             plogp = _plogp_table((patch_size << s) ** 2, str(images.device))
-            out[s] = -plogp[counts].sum(-1) / math.log(2)
+            out[s] = -plogp.index_select(0, counts.flatten()).view(counts.shape).sum(-1) / math.log(2)
     return out
 
 
