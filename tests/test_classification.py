@@ -146,7 +146,8 @@ def test_evaluate_vit_rows_and_stock_accuracy(work: dict[str, Path], tmp_path: P
     for row in saved:
         assert {"thresholds", "top1", "top5", "images_per_second", "tokens_per_image"} <= set(row)
         assert row["images"] == 8 and row["images_per_second"] > 0 and row["top5"] == 1.0
-    assert saved[0]["tokens_per_image"] == 64 and saved[0]["speedup"] == 1.0
+    assert saved[0]["tokens_per_image"] == 64 and saved[0]["speedup"] == 1.0 and saved[0]["ideal_speedup"] == 1.0
+    assert all(r["ideal_speedup"] > 1.0 for r in saved[1:])  # fewer tokens: fewer FLOPs than nothing merged
     assert all(r["tokens_per_image"] < 64 for r in saved[1:])  # the photos have plain regions to merge
     assert saved[3]["tokens_per_image"] <= saved[2]["tokens_per_image"]  # a higher threshold merges more
     stock = ViTForImageClassification.from_pretrained(work["stock"]).eval()

@@ -151,7 +151,11 @@ def evaluate(model: torch.nn.Module, processor: Any, data: Any, settings: list[l
     loader = DataLoader(data.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate, persistent_workers=False)
     k = min(TOP_K, int(model.config.num_labels))
-    stats = [{"top1": 0, "top5": 0, "images": 0, "seconds": 0.0, "tokens": 0, "cells": 0} for _ in settings]
+    from ..benchmarks.vision import forward_flops
+    from ..patchify import PatchLayout
+
+    stats = [{"top1": 0, "top5": 0, "images": 0, "seconds": 0.0, "tokens": 0, "cells": 0, "flops": 0.0}
+             for _ in settings]
     broken = 0
     warm = False
     with torch.inference_mode():
@@ -177,6 +181,7 @@ def evaluate(model: torch.nn.Module, processor: Any, data: Any, settings: list[l
                 stat["images"] += len(labels)
                 stat["tokens"] += int(x["tokens_per_image"].sum())
                 stat["cells"] += int(x["image_grid_hw"].prod(-1).sum())
+                stat["flops"] += float(forward_flops(model.config, PatchLayout.from_inputs(x), apt=True))
     rows = []
     for setting, stat in zip(settings, stats, strict=True):
         n = max(stat["images"], 1)
@@ -185,10 +190,12 @@ def evaluate(model: torch.nn.Module, processor: Any, data: Any, settings: list[l
             "top1": stat["top1"] / n, "top5": stat["top5"] / n, "images": stat["images"],
             "images_per_second": stat["images"] / stat["seconds"] if stat["seconds"] > 0 else float("nan"),
             "tokens_per_image": stat["tokens"] / n, "tokens_kept": stat["tokens"] / max(stat["cells"], 1),
+            "flops": stat["flops"],
         })
     base = next((r for r in rows if max(r["thresholds"], default=-1.0) <= 0), None)
     for row in rows:
         row["speedup"] = row["images_per_second"] / base["images_per_second"] if base else None
+        row["ideal_speedup"] = base["flops"] / row["flops"] if base and row["flops"] > 0 else None
     return rows, broken
 
 
@@ -207,12 +214,14 @@ def write_results(rows: list[dict[str, Any]], output_dir: Path, header: dict[str
              f"{header['images']} images ({header['broken']} broken, skipped); {header['device']}, {header['dtype']}, "
              f"batch {header['batch_size']}; images/s: the model's forward pass (processor excluded), first batch "
              f"untimed; torch {torch.__version__}, transformers {header['transformers']}", "",
-             "| thresholds | top-1 (%) | top-5 (%) | images/s | speedup | tokens / image | tokens kept |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| thresholds | top-1 (%) | top-5 (%) | images/s | speedup | ideal (FLOP ratio) | tokens / image | "
+             "tokens kept |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "–"
+        ideal = f"{r['ideal_speedup']:.2f}x" if r.get("ideal_speedup") is not None else "–"
         lines.append(f"| {_label(r['thresholds'])} | {100 * r['top1']:.2f} | {100 * r['top5']:.2f} | "
-                     f"{r['images_per_second']:.1f} | {speedup} | {r['tokens_per_image']:.1f} | "
+                     f"{r['images_per_second']:.1f} | {speedup} | {ideal} | {r['tokens_per_image']:.1f} | "
                      f"{100 * r['tokens_kept']:.1f}% |")
     paths["md"].write_text("\n".join(lines) + "\n")
     series = {"top-1": [(r["images_per_second"], 100 * r["top1"]) for r in rows],
