@@ -174,3 +174,13 @@ def test_rehearsal_end_to_end(tmp_path: Path) -> None:
     assert ideal["[5.75] padding-free"] > ideal["[5.75] padded"] > ideal["[-1.0] padded"] == 1.0
     assert all(cells[3].endswith("s / step") for cells in runs.values())
     assert (tmp_path / "gpu_check.log").read_text().count("===== train: ") == 2  # its start and end lines
+
+
+def test_training_step_parts_table(capsys):
+    """`benchmark.py train --parts`: the padding-free step split into tower, APT embedding and the rest."""
+    train_bench.main(["--preset", "tiny", "--batch_size", "2", "--repeats", "1", "--parts"])
+    out = capsys.readouterr().out
+    table = out[out.index("### Where the padding-free step's time goes"):]
+    labels = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ")][2:]
+    assert labels == ["whole step (padding-free)", "vision tower, forward + backward", "of which the APT embedding",
+                      "of which the encoder layers", "projector + language model + loss"]

@@ -45,3 +45,20 @@ def test_bad_masks_are_refused() -> None:
         flatten_padded_batch({"input_ids": ids, "attention_mask": torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]])})
     with pytest.raises(ValueError, match="values: expected"):
         unflatten(torch.zeros(1, 3, 5), torch.ones(2, 4))
+
+
+def test_packed_sdpa_mask_skips_only_plain_causal_rows() -> None:
+    """No dense (L, L) mask for one causal row without padding or cache; sdpa's mask for everything else."""
+    from transformers.masking_utils import sdpa_mask
+
+    from apt_hf.training.packed_lm_attention import packed_sdpa_mask
+
+    assert packed_sdpa_mask(batch_size=1, q_length=6, kv_length=6) is None
+    padding = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    for kwargs in ({"batch_size": 2, "q_length": 4, "kv_length": 4, "attention_mask": padding},
+                   {"batch_size": 1, "q_length": 1, "kv_length": 5, "q_offset": 4}):  # padded batch; a cached step
+        torch.testing.assert_close(packed_sdpa_mask(**kwargs, allow_is_causal_skip=False),
+                                   sdpa_mask(**kwargs, allow_is_causal_skip=False))
+    windowed = type("Config", (), {"sliding_window": 4})()
+    assert packed_sdpa_mask(batch_size=1, q_length=6, kv_length=6, config=windowed, allow_is_causal_skip=False) \
+        is not None

@@ -27,6 +27,7 @@ import torch
 import transformers
 
 from ..modeling_apt_llava import MODEL_PARTS, AptLlavaForConditionalGeneration
+from ..patchify import PatchLayout
 from ..processing_apt_llava import AptLlavaProcessor
 from ..sample_images import load_photos
 from ..training.arguments import ModelArguments
@@ -60,6 +61,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file (for gpu_check)")
+    parser.add_argument("--parts", action="store_true",
+                        help="also time the padding-free steps' parts: the vision tower (forward + backward) alone, "
+                             "the APT embedding alone, and the rest (projector, language model, loss) by difference")
     args = parser.parse_args(argv)
     if args.repeats < 1 or not 1 <= args.batch_size <= 10:
         parser.error(f"--repeats >= 1 and --batch_size 1..10 (the bundled photographs) expected, got {args.repeats} "
@@ -91,6 +95,51 @@ class TrainStep:
         if self.optimizer is not None:
             self.optimizer.step()
         return float(loss.detach())
+
+
+class TowerStep:
+    """The vision tower's forward + backward alone on a batch's images, or only its APT patch embedding."""
+
+    def __init__(self, step: TrainStep, embedding_only: bool) -> None:
+        self.step, self.embedding_only = step, embedding_only
+        self.tower = step.model.model.vision_tower
+        self.layout = {k: step.batch[k] for k in PatchLayout.KEYS}
+
+    def __call__(self) -> None:
+        self.tower.zero_grad(set_to_none=True)
+        pixels = self.step.batch["pixel_values"]
+        with torch.enable_grad(), self.step.autocast():
+            if self.embedding_only:
+                embeddings = self.tower.embeddings
+                out = embeddings(*embeddings.prepare_inputs(pixels, self.layout, None))
+            else:
+                out = self.tower(pixel_values=pixels, **self.layout).last_hidden_state
+            total = out.float().sum()
+        total.backward()
+
+
+def _print_parts(runs: dict[str, TrainStep], times: dict[str, list[float]], args: argparse.Namespace) -> None:
+    """Where a padding-free step's time goes, [-1] vs the thresholds: tower, APT embedding, the rest by difference."""
+    names = [n for n in runs if n.endswith("padding-free")]
+    parts = {(n, kind): TowerStep(runs[n], kind == "embedding") for n in names for kind in ("tower", "embedding")}
+    part_times: dict[tuple[str, str], list[float]] = {key: [] for key in parts}
+    for step in parts.values():  # warm-up
+        timed(step, args.device, args.clock)
+    for _ in range(args.repeats):
+        for key, step in parts.items():
+            part_times[key].append(timed(step, args.device, args.clock))
+    med = {key: statistics.median(v) for key, v in part_times.items()}
+    whole = {n: statistics.median(times[n]) for n in names}
+    rows = [("whole step (padding-free)", whole),
+            ("vision tower, forward + backward", {n: med[(n, "tower")] for n in names}),
+            ("of which the APT embedding", {n: med[(n, "embedding")] for n in names}),
+            ("of which the encoder layers", {n: med[(n, "tower")] - med[(n, "embedding")] for n in names}),
+            ("projector + language model + loss", {n: whole[n] - med[(n, "tower")] for n in names})]
+    a, b = names
+    print(f"\n### Where the padding-free step's time goes (median of {args.repeats}, {args.clock} clock)\n")
+    print(f"| part | {a.split(' ')[0]} s | {b.split(' ')[0]} s | speedup |\n| --- | ---: | ---: | ---: |")
+    for label, values in rows:
+        print(f"| {label} | {values[a]:.2f} | {values[b]:.2f} | {values[a] / values[b]:.2f}x |")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -155,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         out.append(row(check, name, f"{seconds:.3f} s / step", tokens=stats[name][0], speedup=speedup, ideal=ideal,
                        peak_gib=memory[name]))
     write_json(args.json, out, suite="train", preset=args.preset)
+    if args.parts:
+        _print_parts(runs, times, args)
     return out
 
 

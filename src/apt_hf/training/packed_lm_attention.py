@@ -6,7 +6,10 @@ row's length squared, more than the padded batch costs. Flash-attention instead 
 samples. `apt_sdpa_packed` does the same with sdpa: on a flattened row without a cache it runs transformers' own
 sdpa function once per sample (causal, no mask); on anything else (padded batches, generation with a cache) it is
 plain sdpa with the mask transformers built, so it is always correct. Registered with transformers'
-`AttentionInterface` and `AttentionMaskInterface` (the mask is sdpa's).
+`AttentionInterface` and `AttentionMaskInterface`: the mask is sdpa's, except on one causal row without padding or
+cache, where it is None (`packed_sdpa_mask`), so transformers does not build a dense (L, L) block-diagonal mask for a
+flattened row that the per-sample attention never reads. Meant for plain causal language models (LLaVA-1.5's
+Llama / Vicuna); a sliding-window config keeps sdpa's mask.
 """
 
 from __future__ import annotations
@@ -30,6 +33,29 @@ def _sample_bounds(position_ids: torch.Tensor | None, length: int) -> list[int] 
     if not starts or starts[0] != 0 or len(starts) == 1:
         return None
     return [*starts, length]
+
+
+def packed_sdpa_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    use_vmap: bool = False,
+    config: Any = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """sdpa's mask, or None for one causal row without padding, cache or custom mask functions.
+
+    On such a row `sdpa_packed_attention` runs each sample causally on its own (a flattened batch) or the whole row
+    causally (one sequence), so the mask would be built and never read.
+    """
+    if (batch_size == 1 and attention_mask is None and q_offset == 0 and kv_offset == 0 and q_length == kv_length
+            and not use_vmap and not getattr(config, "sliding_window", None)):
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, attention_mask=attention_mask, use_vmap=use_vmap, config=config, **kwargs)
 
 
 def sdpa_packed_attention(
@@ -59,8 +85,8 @@ def sdpa_packed_attention(
 def register() -> str:
     """Register `apt_sdpa_packed` (attention and its mask) with transformers; returns the name."""
     AttentionInterface.register(SDPA_PACKED, sdpa_packed_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_PACKED, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_PACKED, packed_sdpa_mask)
     return SDPA_PACKED
 
 
-__all__ = ["SDPA_PACKED", "register", "sdpa_packed_attention"]
+__all__ = ["SDPA_PACKED", "packed_sdpa_mask", "register", "sdpa_packed_attention"]
