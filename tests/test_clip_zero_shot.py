@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_settings_round_trip import _imported_modules
+from test_settings_round_trip import assert_saved_code_imports_only_allowed
 from tokenizers import pre_tokenizers
 from transformers import (
     AutoModel,
@@ -190,13 +190,7 @@ def test_saved_code_imports_only_stdlib_torch_transformers_and_itself(tmp_path):
     AptCLIPModel.from_clip(stock_clip()).save_pretrained(tmp_path)
     code = {p.stem: p for p in tmp_path.glob("*.py")}
     assert {"modeling_apt_clip", "modeling_apt", "packed_attention", "configuration_apt", "patchify"} <= set(code)
-    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "numpy"}
-    for stem, path in code.items():
-        for module, level in _imported_modules(path):
-            if level:
-                assert module.split(".")[0] in code, f"{stem}.py imports .{module}, which is not saved beside it"
-            else:
-                assert module.split(".")[0] in allowed, f"{stem}.py imports {module}"
+    assert_saved_code_imports_only_allowed(code)
 
 
 def test_convert_script_full_clip_and_default_vision_tower(tmp_path, photos, texts):

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from transformers import CLIPVisionConfig, LlavaConfig
@@ -133,7 +134,12 @@ def test_remote_code_imports_only_stdlib_torch_transformers_and_itself(tmp_path)
     code = {p.stem: p for p in (tmp_path / "apt").glob("*.py")}
     assert {"modeling_apt_llava", "modeling_apt", "packed_attention", "configuration_apt", "patchify",
             "image_processing_apt", "processing_apt_llava"} <= set(code)
-    # numpy is transformers' own dependency (its image processors need it)
+    assert_saved_code_imports_only_allowed(code)
+
+
+def assert_saved_code_imports_only_allowed(code: dict[str, Path]) -> None:
+    """Each saved module imports the standard library, torch, transformers, numpy (transformers' own dependency:
+    its image processors need it) or a module saved beside it; nothing else."""
     allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "numpy"}
     for stem, path in code.items():
         for module, level in _imported_modules(path):

@@ -21,8 +21,6 @@ built directly on the device, with the tiny tokenizer's 512-token vocabulary ins
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,7 +35,7 @@ from ..sample_images import load_photos
 from ..tiny import build_tiny_llava, tiny_vision_config
 from ..training.packed_lm_attention import register as register_packed_sdpa
 from .results import row, write_json
-from .timing import peak_memory, timed
+from .timing import machine, peak_memory, timed
 
 PRESETS = {  # (hidden, layers, heads, mlp) of the tower and of the language model
     "tiny": {"vision": (32, 2, 4, 128), "text": (64, 2, 4, 128)},
@@ -212,8 +210,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     dtype = str(args.dtype).split(".")[-1]
     vh, vl = PRESETS[args.preset]["vision"][:2]
     th, tl = PRESETS[args.preset]["text"][:2]
-    where = (torch.cuda.get_device_name() if cuda else f"{platform.machine()} x{os.cpu_count()}, "
-             f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    where = machine(args.device)
     print(f"## LLaVA-1.5 ({args.preset} preset) stock vs APT, thresholds {args.thresholds}\n")
     print(f"{args.num_images} photos at batch sizes {args.batch_size}; prefill {args.prefill} (stock and APT alike"
           f"{', language model on ' + text_attn if padding_free else ''}), generation padded with a cache; "

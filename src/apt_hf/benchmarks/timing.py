@@ -1,5 +1,7 @@
 """Timing and memory helpers shared by the benchmarks (one clock, CUDA-synchronised)."""
 
+import os
+import platform
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,3 +32,11 @@ def peak_memory(fn: Callable[[], Any], device: str) -> float | None:
         fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 2**30
+
+
+def machine(device: str) -> str:
+    """Where a benchmark ran, for its header: the GPU's name, or the CPUs, torch's threads and the load average."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return (f"{platform.machine()} x{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, load average "
+            f"{os.getloadavg()[0]:.1f}")

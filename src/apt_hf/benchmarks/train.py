@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import platform
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -36,7 +34,7 @@ from ..training.model import setup_trainable
 from ..training.packed_lm_attention import register as register_packed_sdpa
 from .llava import PRESETS, attention_lengths, build_stock_llava, prefill_flops
 from .results import row, write_json
-from .timing import peak_memory, timed
+from .timing import machine, peak_memory, timed
 
 QUESTION = "<image>\nDescribe the image in one sentence."
 ANSWER = "A photograph with a few distinct regions, some of them plain and some full of detail."
@@ -181,8 +179,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     dtype = str(args.dtype).split(".")[-1]
     vh, vl = PRESETS[args.preset]["vision"][:2]
     th, tl = PRESETS[args.preset]["text"][:2]
-    where = (torch.cuda.get_device_name() if cuda else f"{platform.machine()} x{os.cpu_count()}, "
-             f"{torch.get_num_threads()} threads")
+    where = machine(args.device)
     base = f"{[-1.0]} padded"
     print(f"## LLaVA training step (forward + backward{' + AdamW' if args.optimizer == 'adamw' else ''}), batch "
           f"{len(rows)}, thresholds {args.thresholds}, trainable {args.trainable}\n")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -30,7 +28,7 @@ import transformers
 from ..dtypes import TORCH_DTYPES
 from ..patchify import PatchLayout, unpack_base_patches
 from ..sample_images import PHOTOS, load_photos
-from .timing import timed
+from .timing import machine, timed
 from .vision import SIZES, forward_flops
 
 
@@ -139,9 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              "merged": forward_flops(config, PatchLayout.from_inputs(merged), apt=True)}
     cells = float(uniform["image_grid_hw"].prod(-1).double().mean())
     kept = float(merged["tokens_per_image"].double().mean())
-    where = (torch.cuda.get_device_name() if device.startswith("cuda") else
-             f"{platform.machine()} x{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, load average "
-             f"{os.getloadavg()[0]:.1f}")
+    where = machine(device)
     print(f"## ViT classification training step: stock vs APT-packed, {args.size} {args.image_size}/{args.patch_size}, "
           f"batch {args.batch}, {args.dtype} on {device}\n")
     print(f"forward (labels) + backward + AdamW, all parameters trainable; entropy S={num_scales} {args.thresholds}; "

@@ -23,8 +23,6 @@ every backend of ATTN_CANDIDATES that this machine can run and lists the others 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,7 +33,7 @@ from ..dtypes import TORCH_DTYPES
 from ..patchify import PatchLayout, unpack_base_patches
 from ..sample_images import PHOTOS, load_photos
 from .results import row, write_json
-from .timing import peak_memory, timed
+from .timing import machine, peak_memory, timed
 
 SIZES = {  # hidden, layers, heads, mlp
     "tiny": (192, 12, 3, 768),
@@ -222,9 +220,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     model_name = f"{args.family} {args.size if not args.model else args.model}"
     print(f"## APT vs stock {type(stock).__name__}: {model_name}, {image_size}/{patch}, batch {args.batch}, "
           f"{args.dtype} on {device}\n")
-    where = (torch.cuda.get_device_name() if device.startswith("cuda") else
-             f"{platform.machine()} x{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, load average "
-             f"{os.getloadavg()[0]:.1f}")
+    where = machine(device)
     print(f"{args.scorer} S={args.num_scales} {args.thresholds}; photos: scikit-image's {len(PHOTOS)}, repeated to "
           f"the batch; best of {args.repeats} ({args.clock} clock); stock attention {stock_attn}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {where}\n")

@@ -20,12 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from ..training.data import open_image
+from ..training.data import DATA_FILE_FORMATS, SAVED_DATASET_MARKERS, load_datasets_source, open_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SPLIT_FOLDER_NAMES = {"train", "val", "valid", "validation", "test"}
-_SAVED_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
-_DATA_FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +46,11 @@ class ClassificationData:
 
 
 def _is_saved_dataset(path: Path) -> bool:
-    return any((path / marker).exists() for marker in _SAVED_MARKERS)
+    return any((path / marker).exists() for marker in SAVED_DATASET_MARKERS)
 
 
 def _has_data_files(path: Path) -> bool:
-    return any(p.suffix in _DATA_FILE_FORMATS for p in path.iterdir() if p.is_file())
+    return any(p.suffix in DATA_FILE_FORMATS for p in path.iterdir() if p.is_file())
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -104,47 +102,6 @@ def load_image_folder(root: str | Path, image_column: str = "image", label_colum
 
 
 # --------------------------------------------------------------------------------------------- datasets
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _load_datasets(data_path: str, split: str, config: str | None, argument: str) -> Any:
-    """`load_from_disk` for saved folders, `load_dataset` for data files, other folders and hub ids."""
-    import datasets
-
-    path = Path(data_path).expanduser()
-    if path.is_dir() and _is_saved_dataset(path):
-        ds = datasets.load_from_disk(str(path))
-    elif path.is_file():
-        fmt = _DATA_FILE_FORMATS.get(path.suffix)
-        if fmt is None:
-            raise ValueError(f"{argument}: expected a folder, a data file ({', '.join(_DATA_FILE_FORMATS)}) or a "
-                             f"datasets id, got the file {data_path!r}")
-        ds = datasets.load_dataset(fmt, data_files=str(path))
-    elif path.is_dir():
-        ds = datasets.load_dataset(str(path), config)
-    elif data_path.startswith(("/", "./", "../", "~")) or path.suffix in _DATA_FILE_FORMATS:
-        raise ValueError(f"{argument}: {data_path!r} does not exist")
-    else:
-        try:
-            ds = datasets.load_dataset(data_path, config)
-        except Exception as err:  # offline, missing repo, gated: say what was tried and what to do
-            if _offline():
-                raise ValueError(
-                    f"{argument}: {data_path!r} is not a local folder or file, and as a datasets id it is not in the "
-                    "local cache; HF_HUB_OFFLINE=1 forbids downloading it. Run once with HF_HUB_OFFLINE unset to "
-                    f"download it, or pass a local folder ({type(err).__name__}: {err})") from err
-            raise ValueError(f"{argument}: {data_path!r} is not a local folder or file and could not be loaded as a "
-                             f"datasets id ({type(err).__name__}: {err})") from err
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise ValueError(f"dataset_split: {data_path!r} has splits {list(ds)}, got {split!r}")
-        ds = ds[split]
-    return ds
 
 
 def _class_names(ds: Any, label_column: str, source: str) -> tuple[Any, list[str]]:
@@ -200,7 +157,7 @@ def load_classification_data(
     if path.is_dir() and not _is_saved_dataset(path) and not _has_data_files(path) and _class_folders(path):
         data = load_image_folder(path, image_column, label_column, class_names, argument)
     else:
-        ds = _load_datasets(data_path, split, config, argument)
+        ds = load_datasets_source(data_path, split, config, argument)
         columns = list(ds.column_names)
         if image_column not in columns:
             raise ValueError(f"image_column: expected a column named {image_column!r} holding the images in "

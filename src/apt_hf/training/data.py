@@ -27,7 +27,8 @@ import numpy as np
 IMAGE_TOKEN = "<image>"
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _JSON_SUFFIXES = (".json", ".jsonl")
-_DATA_FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+DATA_FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
+SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")  # what `save_to_disk` writes
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def _is_json_file(path: Path) -> bool:
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or Path(path).suffix in (*_JSON_SUFFIXES, *_DATA_FILE_FORMATS)
+    return path.startswith(("/", "./", "../", "~")) or Path(path).suffix in (*_JSON_SUFFIXES, *DATA_FILE_FORMATS)
 
 
 def _load_json_dataset(path: Path, image_folder: str | None, indices_fn) -> Any:
@@ -236,30 +237,42 @@ def _load_json_dataset(path: Path, image_folder: str | None, indices_fn) -> Any:
     return Dataset.from_dict({"id": ids, "messages": messages, "images": images})
 
 
-def _load_datasets_dataset(data_path: str, split: str, config: str | None) -> Any:
-    """`load_from_disk` for saved folders, `load_dataset` for data files, folders and hub ids."""
+def load_datasets_source(data_path: str, split: str, config: str | None, argument: str = "data_path") -> Any:
+    """`load_from_disk` for saved folders, `load_dataset` for data files, other folders and hub ids; one split.
+
+    Shared by LLaVA and classification training. Errors name `argument`; an uncached hub id under HF_HUB_OFFLINE says
+    so and what to do.
+    """
     import datasets
+    from huggingface_hub import constants
 
     path = Path(data_path).expanduser()
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
-                          or (path / "state.json").exists()):
+    if path.is_dir() and any((path / marker).exists() for marker in SAVED_DATASET_MARKERS):
         ds = datasets.load_from_disk(str(path))
     elif path.is_file():
-        fmt = _DATA_FILE_FORMATS.get(path.suffix, "json")
-        ds = datasets.load_dataset(fmt, data_files=str(path), split=split)
+        fmt = DATA_FILE_FORMATS.get(path.suffix)
+        if fmt is None:
+            raise ValueError(f"{argument}: expected a folder, a data file ({', '.join(DATA_FILE_FORMATS)}) or a "
+                             f"datasets id, got the file {data_path!r}")
+        ds = datasets.load_dataset(fmt, data_files=str(path))
     elif path.is_dir():
-        ds = datasets.load_dataset(str(path), config, split=split)
+        ds = datasets.load_dataset(str(path), config)
     elif _looks_local(data_path):
-        raise ValueError(f"data_path: {data_path!r} does not exist")
+        raise ValueError(f"{argument}: {data_path!r} does not exist")
     else:
-        try:
+        try:  # only the split asked for: a hub dataset's other splits (ImageNet's train) are not prepared
             ds = datasets.load_dataset(data_path, config, split=split)
-        except Exception as err:  # offline, missing repo, wrong split: say what was tried
-            raise ValueError(f"data_path: {data_path!r} is not a local file or folder and could not be loaded as a "
-                             f"datasets id (split {split!r}): {err}") from err
+        except Exception as err:  # offline, missing repo, gated, unknown split: say what was tried and what to do
+            if constants.HF_HUB_OFFLINE:
+                raise ValueError(
+                    f"{argument}: {data_path!r} is not a local folder or file, and as a datasets id it is not in the "
+                    "local cache; HF_HUB_OFFLINE=1 forbids downloading it. Run once with HF_HUB_OFFLINE unset to "
+                    f"download it, or pass a local folder ({type(err).__name__}: {err})") from err
+            raise ValueError(f"{argument}: {data_path!r} is not a local folder or file and could not be loaded as a "
+                             f"datasets id with split {split!r} ({type(err).__name__}: {err})") from err
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"dataset_split: expected one of {list(ds)}, got {split!r}")
+            raise ValueError(f"dataset_split: {data_path!r} has splits {list(ds)}, got {split!r}")
         ds = ds[split]
     return ds
 
@@ -338,7 +351,7 @@ def load_training_dataset(
     path = Path(data_path).expanduser()
     if _is_json_file(path):
         return _finish(_load_json_dataset(path, image_folder, indices_fn), data_path)
-    ds = _lazy_images(_load_datasets_dataset(data_path, split, config))
+    ds = _lazy_images(load_datasets_source(data_path, split, config))
     indices = indices_fn(len(ds))
     if indices is not None:
         ds = ds.select(indices)
