@@ -577,3 +577,16 @@ def test_eval_split_summary_and_loss_curve(work: dict[str, Path], capsys: pytest
         assert len(set(png.convert("RGB").getdata())) > 3  # axes, two curves, text: not a blank picture
     with pytest.raises(ValueError, match="eval_strategy: 'steps' needs evaluation data; pass --eval_data_path"):
         main(base_flags(work, work["root"] / "never", "--eval_strategy", "steps"))
+
+
+def test_broken_batch_fallback_reuses_earlier_samples() -> None:
+    """A batch whose every sample is broken reuses earlier good ones; the first batch has none and raises."""
+    from apt_hf.training.collator import BrokenBatchFallback
+
+    fallback = BrokenBatchFallback(max_size=3, first_batch_error="images: first batch broken")
+    with pytest.raises(ValueError, match="images: first batch broken"):
+        fallback([], 2)
+    assert fallback(["a", "b"], 2) == ["a", "b"]
+    assert fallback(["c", "d"], 2) == ["c", "d"]
+    assert fallback([], 2) == ["c", "d"]  # the newest first, at most the batch's size
+    assert fallback([], 5) == ["c", "d", "a"]  # at most max_size remembered

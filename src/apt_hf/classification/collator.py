@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..training.collator import COUNT_KEYS
+from ..training.collator import COUNT_KEYS, BrokenBatchFallback
 from ..training.data import open_image
 
 AUGMENTATIONS = ("none", "flip", "crop_flip")
@@ -64,8 +64,9 @@ class AptImageClassificationCollator:
         # DataLoader workers run copies of this object, so with report_counts each batch carries its own count.
         self.report_counts = report_counts
         self.broken_images = 0
-        self._fallback: list[tuple[Any, int]] = []
-        self._max_fallback = max_fallback
+        self._fallback = BrokenBatchFallback(
+            max_fallback, "images: every image of the first batch could not be opened; check --data_path and "
+            "--image_column")
 
     def _augmented(self, image: Any) -> Any:
         from PIL import Image
@@ -90,15 +91,7 @@ class AptImageClassificationCollator:
                                type(err).__name__, err, self.broken_images)
                 continue
             examples.append((image, int(row[self.label_column])))
-        if examples:
-            self._fallback = (examples + self._fallback)[: self._max_fallback]
-        elif self._fallback:
-            logger.warning("every image of a batch was broken; reusing %d earlier sample(s)",
-                           min(len(features), len(self._fallback)))
-            examples = self._fallback[: len(features)]
-        else:
-            raise ValueError("images: every image of the first batch could not be opened; check --data_path and "
-                             "--image_column")
+        examples = self._fallback(examples, len(features))
         return [self._augmented(image) for image, _ in examples], [label for _, label in examples]
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -28,6 +28,29 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 logger = logging.getLogger(__name__)
 
 
+class BrokenBatchFallback:
+    """Good samples of earlier batches, reused when every sample of a batch is broken.
+
+    The step then still runs (and multi-process training stays in lockstep); only the first batch has nothing to
+    fall back on, which raises `first_batch_error`.
+    """
+
+    def __init__(self, max_size: int, first_batch_error: str) -> None:
+        self.max_size, self.first_batch_error = max_size, first_batch_error
+        self._kept: list[Any] = []
+
+    def __call__(self, examples: list[Any], wanted: int) -> list[Any]:
+        """`examples` (the batch's good samples), remembered; or earlier ones when there are none."""
+        if examples:
+            self._kept = (examples + self._kept)[: self.max_size]
+            return examples
+        if not self._kept:
+            raise ValueError(self.first_batch_error)
+        logger.warning("every sample of a batch was broken; reusing %d earlier sample(s)",
+                       min(wanted, len(self._kept)))
+        return self._kept[:wanted]
+
+
 class AptLlavaDataCollator:
     """Turn rows of `load_training_dataset` into `AptLlavaForConditionalGeneration` inputs with labels.
 
@@ -64,8 +87,9 @@ class AptLlavaDataCollator:
             self.pad_token_id = self.tokenizer.eos_token_id
         self.broken_images = 0
         self.skipped_too_long = 0
-        self._fallback: list[tuple[list[dict[str, Any]], list[Any]]] = []
-        self._max_fallback = max_fallback
+        self._fallback = BrokenBatchFallback(
+            max_fallback, "images: every sample of the first batch has an image that cannot be opened; check "
+            "--image_folder and the data's image paths")
 
     # ------------------------------------------------------------------------------------- text
 
@@ -158,16 +182,7 @@ class AptLlavaDataCollator:
             if images is None:
                 continue
             examples.append((normalize_messages(row), images))
-        if examples:
-            self._fallback = (examples + self._fallback)[: self._max_fallback]
-        elif self._fallback:
-            logger.warning("every sample of a batch had a broken image; reusing %d earlier sample(s)",
-                           min(len(features), len(self._fallback)))
-            examples = self._fallback[: len(features)]
-        else:
-            raise ValueError("images: every sample of the first batch has an image that cannot be opened; check "
-                             "--image_folder and the data's image paths")
-        return examples
+        return self._fallback(examples, len(features))
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         broken, too_long = self.broken_images, self.skipped_too_long
