@@ -1,5 +1,6 @@
 """Benchmarks: stock vs APT in one run, ratios beside the ideal (FLOP-ratio) speedup.
 
+    python scripts/benchmark.py correctness [--help]   # not a timing: every backend against per-image sdpa
     python scripts/benchmark.py processor [--help]
     python scripts/benchmark.py vision [--help]
     python scripts/benchmark.py llava [--help]
@@ -12,7 +13,7 @@ scripts/gpu_check.sh runs the GPU settings of these (and the GPU-only tests) in 
 import importlib
 import sys
 
-SUITES = ("processor", "vision", "llava", "train", "train_vit")
+SUITES = ("correctness", "processor", "vision", "llava", "train", "train_vit")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in SUITES:

@@ -6,9 +6,9 @@
 
 The folder is checked first (safetensors weights, an APT processor, remote code and auto_map for every Auto class
 a user calls); pickled weights are converted and oversized shards re-sharded. A model card is rendered from
-model_cards/ with the APT settings, usage and, given lmms-eval's results JSON, a model-index. `--dry_run
---local_dir DIR` writes exactly the folder that would be uploaded and lists it; without it, one commit uploads
-it. The token comes from HF_TOKEN or `hf auth login` and is never printed.
+the templates apt_hf ships (apt_hf/model_cards/) with the APT settings, usage and, given lmms-eval's results
+JSON, a model-index. `--dry_run --local_dir DIR` writes exactly the folder that would be uploaded and lists it;
+without it, one commit uploads it. The token comes from HF_TOKEN or `hf auth login` and is never printed.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from apt_hf import AptLlavaForConditionalGeneration, AptLlavaProcessor
-from apt_hf.benchmarks import gpu_check
+from apt_hf.benchmarks import correctness, gpu_check
 from apt_hf.benchmarks import llava as llava_bench
 from apt_hf.benchmarks import train as train_bench
 from apt_hf.benchmarks import vision as vision_bench
@@ -26,7 +26,7 @@ from apt_hf.tiny import build_tiny_llava, tiny_vision_config
 from apt_hf.training.packed_lm_attention import register
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = {"vision": vision_bench, "llava": llava_bench, "train": train_bench}
+SUITES = {"vision": vision_bench, "llava": llava_bench, "train": train_bench, "correctness": correctness}
 
 
 def test_padding_free_prefill_gives_the_padded_last_logits_and_runs_no_padding() -> None:
@@ -99,9 +99,11 @@ def test_rows_round_trip_and_make_one_table(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_check_plan_is_accepted_by_every_suite(tmp_path: Path, dry_run: bool) -> None:
-    steps = {s.name: s for s in gpu_check.plan(dry_run, tmp_path, ROOT / "tests", ["sdpa", "eager"])}
-    assert list(steps)[:3] == ["tests", "vision-sdpa", "llava-prefill"]
-    assert set(steps) == {"tests", "vision-sdpa", "vision-eager", "llava-prefill", "llava-generation", "train"}
+    backends = ["sdpa", "eager", "apt_varlen"]
+    steps = {s.name: s for s in gpu_check.plan(dry_run, tmp_path, ROOT / "tests", backends)}
+    assert list(steps)[:5] == ["correctness", "tests", "vision-sdpa", "vision-apt_varlen", "llava-prefill"]
+    assert set(steps) == {"correctness", "tests", "vision-sdpa", "vision-eager", "vision-apt_varlen", "llava-prefill",
+                          "llava-generation", "train"}
     parsed = {}
     for name, step in steps.items():
         if name == "tests":
@@ -122,6 +124,19 @@ def test_check_plan_is_accepted_by_every_suite(tmp_path: Path, dry_run: bool) ->
         assert parsed["llava-prefill"].preset == "7b" and parsed["llava-prefill"].batch_size == [1, 4, 8]
         assert parsed["llava-prefill"].dtype == torch.bfloat16
         assert parsed["train"].preset == "7b" and parsed["llava-generation"].preset == "7b"
+
+
+def test_correctness_check_finds_a_wrong_backend(monkeypatch) -> None:
+    """The device check compares each backend with per-image sdpa: a backend that mixes images is a MISMATCH."""
+    from apt_hf import packed_attention
+
+    def leaky_flex(query, key, value, block_mask, scaling):  # attends across images: the mask is ignored
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling).transpose(1, 2)
+
+    monkeypatch.setattr(packed_attention, "_cpu_flex", leaky_flex)
+    rows = {(r["check"], r["run"]): r["result"] for r in correctness.vision_rows("cpu", 2)}
+    assert rows[("correctness: vision vs each image alone on sdpa, float32", "flex_attention")].startswith("MISMATCH")
+    assert rows[("correctness: vision vs each image alone on sdpa, float32", "eager")].startswith("ok")
 
 
 def test_failed_timed_out_and_skipped_steps_become_rows(tmp_path: Path) -> None:
@@ -159,20 +174,33 @@ def test_llava_benchmark_reports_padding_free_batches() -> None:
 
 
 def test_rehearsal_end_to_end(tmp_path: Path) -> None:
-    """The shell script's CPU rehearsal of one step (the training step, in bfloat16 under autocast), to one table."""
+    """The shell script's CPU rehearsal of every step, the correctness comparisons first, to one table."""
     env = {**os.environ, "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--steps", "train",
-                           "--output_dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--output_dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     text = (tmp_path / "gpu_check.md").read_text()
-    assert "DRY RUN" in text and "FAILED" not in text and "timed out" not in text
-    rows = [line for line in text.splitlines() if line.startswith("| LLaVA training step (apt,projector, AdamW)")]
-    runs = {line.split(" | ")[1]: line.split(" | ") for line in rows}
-    assert set(runs) == {"[-1.0] padded", "[-1.0] padding-free", "[5.75] padded", "[5.75] padding-free"}
-    ideal = {name: float(cells[5].rstrip("x")) for name, cells in runs.items()}
+    assert "DRY RUN" in text and "FAILED" not in text and "timed out" not in text and "skipped:" not in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    for cells in rows:
+        cells[0] = cells[0].lstrip("| ")
+    checks = [cells[0] for cells in rows]
+    assert checks[0].startswith("correctness: vision vs each image alone on sdpa")  # correctness before timings
+    correctness = [cells for cells in rows if cells[0].startswith("correctness:")]
+    assert not [c for c in correctness if not c[3].startswith(("ok", "not run"))]
+    kinds = {check.split(",")[0] for check in checks if check.startswith("correctness:")}
+    assert kinds == {"correctness: vision vs each image alone on sdpa", "correctness: layouts on cpu vs the CPU "
+                     "processor", "correctness: LLaVA prefill", "correctness: LLaVA training step (apt"}
+    assert any(c.startswith("GPU-only tests") for c in checks)
+    for backend in ("sdpa", "eager", "flex_attention"):
+        assert any(cells[1] == f"APT {backend}" for cells in rows), backend
+    assert any(c.startswith("LLaVA prefill (padding-free)") for c in checks)
+    assert any(c.startswith("LLaVA generation") for c in checks)
+    train = {cells[1]: cells for cells in rows if cells[0].startswith("LLaVA training step (apt,projector")}
+    assert set(train) == {"[-1.0] padded", "[-1.0] padding-free", "[5.75] padded", "[5.75] padding-free"}
+    ideal = {name: float(cells[5].rstrip("x")) for name, cells in train.items()}
     assert ideal["[5.75] padding-free"] > ideal["[5.75] padded"] > ideal["[-1.0] padded"] == 1.0
-    assert all(cells[3].endswith("s / step") for cells in runs.values())
+    assert all(cells[3].endswith("s / step") for cells in train.values())
     assert (tmp_path / "gpu_check.log").read_text().count("===== train: ") == 2  # its start and end lines
 
 

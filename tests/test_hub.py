@@ -347,10 +347,10 @@ def test_dry_run_folders_load_with_remote_code_only(llava_dry_run, vision_dry_ru
     remote = torch.load(tmp_path / "remote.pt")
     _, model, _ = llava
     _, clip, vit, _ = vision
-    with torch.no_grad():
-        torch.testing.assert_close(model(**remote["llava_inputs"]).logits, remote["llava_logits"], rtol=0, atol=0)
-        torch.testing.assert_close(clip(**remote["clip_inputs"]).pooler_output, remote["clip_pooled"], rtol=0, atol=0)
-        torch.testing.assert_close(vit(**remote["clip_inputs"]).logits, remote["vit_logits"], rtol=0, atol=0)
+    with torch.no_grad():  # fp32 tolerance: floats differ in their last bits between processes' kernels and CPUs
+        torch.testing.assert_close(model(**remote["llava_inputs"]).logits, remote["llava_logits"])
+        torch.testing.assert_close(clip(**remote["clip_inputs"]).pooler_output, remote["clip_pooled"])
+        torch.testing.assert_close(vit(**remote["clip_inputs"]).logits, remote["vit_logits"])
 
 
 # -- the upload, up to the HTTP boundary ----------------------------------------------------------------------------

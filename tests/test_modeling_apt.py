@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from exactness import assert_same_weights
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -29,7 +30,7 @@ from apt_hf.modeling_apt import (
     register_auto_classes,
     split_per_image,
 )
-from apt_hf.patchify import PatchLayout, base_patch_index
+from apt_hf.patchify import PatchLayout, base_patch_index, unpack_base_patches
 from apt_hf.sample_images import load_photos
 
 ATOL = 1e-5
@@ -64,6 +65,12 @@ def dense_and_packed(photos, sizes: dict, **apt_fields):
     dense = CLIPImageProcessorPil(**sizes)(photos, return_tensors="pt")["pixel_values"]
     packed = AptImageProcessor(**sizes, patch_size=8, **apt_fields)(photos, return_tensors="pt")
     return dense, dict(packed)
+
+
+def processed_images_of(batch) -> torch.Tensor:
+    """The dense (B, C, H, W) images a packed batch holds."""
+    layout = PatchLayout(*(batch[k] for k in PatchLayout.KEYS))
+    return torch.stack(unpack_base_patches(batch["pixel_values"], layout))
 
 
 def per_image(states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -328,6 +335,112 @@ def test_compiled_model_does_not_recompile_for_new_token_counts(kind):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Attention maps, greyscale models
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["clip", "vit"])
+def test_attention_maps_per_image_on_eager(photos, family):
+    """output_attentions on eager: per layer, per image, (heads, L_i, L_i); the stock maps when nothing merges."""
+    if family == "clip":
+        stock, sizes = stock_clip("eager"), CLIP_SIZE
+        convert = AptCLIPVisionModel.from_clip
+    else:
+        stock, sizes = stock_vit("eager"), VIT_SIZE
+        convert = AptViTModel.from_vit
+    flat = convert(stock, thresholds=[-1], attn_implementation="eager")
+    dense, packed = dense_and_packed(photos, sizes, thresholds=[-1])
+    with torch.no_grad():
+        want = stock(dense, output_attentions=True).attentions
+        got = flat(**packed, output_attentions=True).attentions
+    assert len(got) == len(want) == 2 and all(len(layer) == len(photos) for layer in got)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(torch.stack(g), w, atol=ATOL, rtol=0)
+
+    merging = convert(stock, attn_implementation="eager", **MERGING)
+    merging.config.output_attentions = True  # the config route
+    _, packed = dense_and_packed(photos, sizes, **MERGING)
+    with torch.no_grad():
+        out = merging(**packed)
+    lengths = (out.tokens_per_image + 1).tolist()
+    assert len(set(lengths)) > 1
+    for layer in out.attentions:
+        assert [tuple(a.shape) for a in layer] == [(4, n, n) for n in lengths]
+        for a in layer:
+            torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
+    # Mapped back to base cells: the CLS row of the last layer, packed as (L, heads), through the grid view.
+    cls_rows = torch.cat([a[:, 0].T for a in out.attentions[-1]])
+    grid = out.to_grid(cls_rows)
+    assert grid.shape == (len(photos), 64 if family == "clip" else 49, 4)
+    first = out.attentions[-1][0][:, 0, 1:].T  # image 0: attention from CLS to its tokens, (T_0, heads)
+    cell, token = base_patch_index(out.layout)
+    in_first = cell < grid.shape[1]
+    torch.testing.assert_close(grid[0][cell[in_first]], first[token[in_first]])
+
+
+@pytest.mark.parametrize("route", ["kwarg", "config"])
+def test_attention_maps_refused_where_the_backend_has_none(photos, route):
+    apt = AptCLIPVisionModel.from_clip(stock_clip(), attn_implementation="eager", **MERGING)
+    _, packed = dense_and_packed(photos[:2], CLIP_SIZE, **MERGING)
+    kwargs = {"output_attentions": True} if route == "kwarg" else {}
+    if route == "config":
+        apt.config.output_attentions = True
+    apt.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="output_attentions: attention maps come from attn_implementation='eager'"):
+        apt(**packed, **kwargs)
+
+
+def test_greyscale_vit_builds_trains_and_round_trips(tmp_path):
+    """num_channels=1: defaults follow the channels, the processor and the dense path give the same layout (the
+    photo scored as R = G = B), one training step runs, and a reload keeps weights and settings."""
+    config = AptViTConfig(**TINY, num_channels=1, image_size=64, patch_size=8, num_labels=3, **MERGING)
+    assert config.image_mean == [0.5] and config.image_std == [0.5]
+    torch.manual_seed(0)
+    model = AptViTForImageClassification(config)
+    grey = [photo.convert("L") for photo in load_photos(("camera.png", "astronaut.png", "moon.png")).values()]
+    processor = AptImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, patch_size=8,
+                                  image_mean=[0.5], image_std=[0.5], do_convert_rgb=False, **MERGING)
+    batch = processor(grey, return_tensors="pt")
+    assert batch["pixel_values"].shape[1:] == (1, 8, 8) and (batch["patch_scales"] > 0).any()
+    rgb = processor(grey, return_tensors="pt", do_convert_rgb=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    for key in PatchLayout.KEYS:
+        assert torch.equal(batch[key], rgb[key]), key  # greyscale is scored as the RGB photo with R = G = B
+    dense = processed_images_of(batch)
+    assert torch.equal(model(pixel_values=dense).patch_scales, batch["patch_scales"])
+
+    model.train()
+    loss = model(**batch, labels=torch.tensor([0, 1, 2])).loss
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    model.eval()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert reloaded.config.num_channels == 1 and reloaded.config.image_mean == [0.5]
+    assert reloaded.config.apt_fields == model.config.apt_fields
+    assert_same_weights(reloaded, model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
+    stock = ViTForImageClassification(ViTConfig(**TINY, num_channels=1, image_size=64, patch_size=8)).eval()
+    assert AptViTForImageClassification.from_vit(stock).config.image_mean == [0.5]
+
+
+def test_configs_changed_in_place_still_build():
+    """As transformers' own tests do: a config the stock class accepts after in-place changes builds as it is."""
+    config = AptViTConfig(**TINY, image_size=64, patch_size=8)
+    config.num_labels = 1
+    config.problem_type = "regression"
+    config.num_channels = 1  # image_mean keeps 3 values: only the dense path's un-normalising needs them
+    model = AptViTForImageClassification(config).eval()
+    assert model.classifier.out_features == 1
+    with pytest.raises(ValueError, match="image_mean"):
+        model(pixel_values=torch.zeros(1, 1, 64, 64))
+    packed = model(**AptImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                                       patch_size=8, image_mean=[0.5], image_std=[0.5], do_convert_rgb=False)(
+        [load_photos(("camera.png",), mode="L")["camera"]], return_tensors="pt"))
+    assert packed.logits.shape == (1, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Attention implementation, saving, loading
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -403,7 +516,6 @@ def _edited(packed, **changes):
     ("patch_count", "base patches"),
     ("patch_shape", r"\(N, 3, 8, 8\)"),
     ("float_keys", "integer tensor"),
-    ("attentions", "output_attentions"),
 ])
 def test_bad_input_raises_clear_error(bad_input_setup, case, match):
     apt, (dense, packed) = bad_input_setup
@@ -420,7 +532,6 @@ def test_bad_input_raises_clear_error(bad_input_setup, case, match):
         "patch_count": _edited(packed, pixel_values=packed["pixel_values"][:-1]),
         "patch_shape": _edited(packed, pixel_values=packed["pixel_values"].reshape(-1, 3, 4, 16)),
         "float_keys": _edited(packed, patch_scales=scales.float()),
-        "attentions": {**packed, "output_attentions": True},
     }[case]
     with pytest.raises(ValueError, match=match):
         apt(**inputs)

@@ -62,3 +62,24 @@ def test_packed_sdpa_mask_skips_only_plain_causal_rows() -> None:
     windowed = type("Config", (), {"sliding_window": 4})()
     assert packed_sdpa_mask(batch_size=1, q_length=6, kv_length=6, config=windowed, allow_is_causal_skip=False) \
         is not None
+
+
+def test_sample_bounds_are_read_once_per_forward(monkeypatch) -> None:
+    """apt_sdpa_packed reads the samples' bounds from the device once per forward, not once per decoder layer."""
+    from apt_hf.training import packed_lm_attention
+
+    reads = []
+    original = packed_lm_attention._read_bounds
+    monkeypatch.setattr(packed_lm_attention, "_read_bounds", lambda ids: reads.append(1) or original(ids))
+    stock, stock_processor = build_tiny_llava(vision=tiny_vision_config(image_size=56))
+    model = AptLlavaForConditionalGeneration.from_llava(stock, thresholds=[5.75]).eval()
+    model.set_attn_implementation({"text_config": register()})
+    assert model.config.text_config.num_hidden_layers >= 2
+    processor = AptLlavaProcessor.from_llava_processor(stock_processor, thresholds=[5.75])
+    inputs = processor(images=list(load_photos().values())[:2], text=PROMPTS[:2], padding=True, return_tensors="pt")
+    flat = flatten_padded_batch(dict(inputs))
+    with torch.no_grad():
+        model(**flat)
+        assert len(reads) == 1
+        model(**flatten_padded_batch(dict(inputs)))  # new position_ids: read again, once
+        assert len(reads) == 2

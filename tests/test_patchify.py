@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image as Image_
+from torch.overrides import TorchFunctionMode
 from transformers import CLIPImageProcessorPil
 
 from apt_hf.patchify import (
     SCORERS,
     PatchLayout,
+    _gray_levels,
     compute_layout,
     concat_layouts,
     entropy_scores,
@@ -304,22 +306,89 @@ THRESHOLDS = {
 # ----------------------------------------------------------------------------------------------------------
 
 
+def all_colours() -> torch.Tensor:
+    """All 2**24 8-bit RGB colours in one (1, 3, 4096, 4096) image."""
+    v = torch.arange(256, dtype=torch.uint8)
+    return torch.stack(torch.meshgrid(v, v, v, indexing="ij")).reshape(1, 3, 4096, 4096)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_entropy_bins_equal_torch_histc_for_every_8bit_colour(device: str) -> None:
-    """All 2**24 RGB colours in one 4096 x 4096 image: per-patch entropies equal those of torch.histc histograms."""
-    v = torch.arange(256, dtype=torch.uint8)
-    rgb = torch.stack(torch.meshgrid(v, v, v, indexing="ij")).reshape(1, 3, 4096, 4096)
+    """All 2**24 RGB colours: every 64 x 64 patch's histogram equals torch.histc's on the official gray levels
+    (integers, exactly), and its entropy the entropy of that histogram (floats, at float64 tolerance)."""
+    rgb = all_colours()
     p = 64
-    got = entropy_scores(rgb.to(device), p, [0], 512)[0][0].cpu()
-    x = rgb[0].float() / 255 * 255
-    gray = 0.2989 * x[0] + 0.5870 * x[1] + 0.1140 * x[2]
+    levels = _gray_levels(rgb.to(device), 512).cpu()[0]
+    patches_of_levels = levels.unfold(0, p, p).unfold(1, p, p).reshape(-1, p * p).long()
+    offsets = torch.arange(patches_of_levels.shape[0])[:, None] * 512
+    got_counts = torch.bincount((patches_of_levels + offsets).flatten(), minlength=offsets.numel() * 512)
+    gray = official_gray(rgb[0])
     patches = gray.unfold(0, p, p).unfold(1, p, p).reshape(-1, p * p)
-    counts = torch.stack([torch.histc(patch, bins=512, min=0, max=255) for patch in patches]).double()
-    q = counts / (p * p)
+    counts = torch.stack([torch.histc(patch, bins=512, min=0, max=255) for patch in patches])
+    assert torch.equal(got_counts.view(-1, 512), counts.long())
+    q = counts.double() / (p * p)
     want = -torch.special.xlogy(q, q).sum(-1) / math.log(2)
-    assert torch.equal(got.flatten(), want)
+    got = entropy_scores(rgb.to(device), p, [0], 512)[0][0].cpu()
+    torch.testing.assert_close(got.flatten(), want, rtol=1e-12, atol=1e-12)
     # the official binning (/255) differs from floor(gray * bins / 256): this test tells them apart
     assert not torch.equal(torch.floor(gray * 512 / 256).clamp(max=511), torch.floor(gray * 512 / 255).clamp(max=511))
+
+
+class ScalarDivisions(TorchFunctionMode):
+    """Counts divisions by a Python number and means (both computed on CUDA as a multiplication by a reciprocal);
+    with `emulate`, computes those divisions that way, as a GPU would, on the CPU."""
+
+    DIVISIONS = {torch.div, torch.true_divide, torch.Tensor.div, torch.Tensor.div_, torch.Tensor.true_divide,
+                 torch.Tensor.__truediv__, torch.Tensor.__itruediv__}
+    MEANS = {torch.mean, torch.Tensor.mean}
+
+    def __init__(self, emulate: bool = False) -> None:
+        super().__init__()
+        self.emulate, self.count = emulate, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        scalar = func in self.DIVISIONS and isinstance(args[1], (int, float)) and kwargs.get("rounding_mode") is None
+        if scalar or func in self.MEANS:
+            self.count += 1
+        if scalar and self.emulate and args[0].is_floating_point():
+            one = torch.ones(1, dtype=args[0].dtype)
+            reciprocal = one / torch.tensor([float(args[1])], dtype=args[0].dtype)  # correctly rounded, as CUDA's
+            inplace = func in (torch.Tensor.div_, torch.Tensor.__itruediv__)
+            return args[0].mul_(reciprocal) if inplace else args[0] * reciprocal
+        return func(*args, **kwargs)
+
+
+def test_the_emulated_gpu_division_moves_gray_levels() -> None:
+    """The emulation is faithful: dividing the official gray levels by the scalar 255 as CUDA does (reciprocal
+    multiplication) moves some of the 2**24 colours to another bin, the defect the scoring path must not have."""
+    gray = official_gray(all_colours()[0]) * 512
+    true_bins = torch.floor(gray / torch.tensor([255.0]))
+    with ScalarDivisions(emulate=True) as mode:
+        gpu_bins = torch.floor(gray / 255)
+    assert mode.count == 1 and int((gpu_bins != true_bins).sum()) > 100
+
+
+def test_scoring_has_no_division_a_gpu_would_round_differently() -> None:
+    """Every scorer and the dense path's 8-bit recovery divide by tensors only: with the emulated GPU division the
+    bins of every colour and the layouts are unchanged, and no division by a Python number or mean is left."""
+    rgb = all_colours()
+    want = _gray_levels(rgb, 512)
+    with ScalarDivisions(emulate=True) as mode:
+        got = _gray_levels(rgb, 512)
+    assert torch.equal(got, want) and mode.count == 0
+    photos = torch.stack([torch.from_numpy(np.asarray(photo.resize((256, 256)))).permute(2, 0, 1) for photo in
+                          load_photos(("astronaut.png", "camera.png", "hubble_deep_field.jpg")).values()])
+    normalized = (photos.float() / 255 - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    for scorer, thresholds in (("entropy", [5.5, 4.0]), ("laplacian", [0.035, 0.035]),
+                               ("upsample_mse", [0.000303, 0.000025])):
+        want = compute_layout(photos, 16, 3, thresholds, scorer)
+        with ScalarDivisions(emulate=True) as mode:
+            got = compute_layout(photos, 16, 3, thresholds, scorer)
+            recovered = recover_uint8(normalized, CLIP_MEAN, CLIP_STD)
+        assert mode.count == 0, scorer
+        assert_layout_equal(got, want)
+        assert torch.equal(recovered, photos)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -715,11 +784,21 @@ def test_bad_apt_fields(kwargs: dict, argument: str) -> None:
     ("shape", "argument"),
     [((1, 3, 18, 16), "multiples of patch_size=4"), ((1, 3, 16, 30), "multiples of patch_size=4"),
      ((1, 3, 2, 2), "at least patch_size=4"), ((1, 3, 16, 3), "at least patch_size=4"),
-     ((1, 1, 16, 16), "images"), ((3, 16, 16), "images")],
+     ((1, 2, 16, 16), "images"), ((1, 4, 16, 16), "images"), ((3, 16, 16), "images")],
 )
 def test_bad_image_shapes(shape: tuple[int, ...], argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
         compute_layout(torch.zeros(shape, dtype=torch.uint8), 4, 2, [1.0])
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_greyscale_is_scored_as_rgb_with_equal_channels(scorer: str) -> None:
+    grey = torch.from_numpy(np.asarray(load_photos(("camera.png",), mode="L")["camera"]))[None, None]
+    rgb = grey.expand(-1, 3, -1, -1).contiguous()
+    thresholds = {"entropy": [5.0, 5.5], "laplacian": [0.05, 0.035], "upsample_mse": [0.0003, 0.00003]}[scorer]
+    want = compute_layout(rgb, 16, 3, thresholds, scorer)
+    assert (want.patch_scales > 0).any()
+    assert_layout_equal(compute_layout(grey, 16, 3, thresholds, scorer), want)
 
 
 def test_bad_image_size_names_the_setting() -> None:

@@ -105,9 +105,13 @@ def _square_patch_size(patch_size: Any) -> int:
 
 
 def _channel_stats(values: Any, default: tuple[float, ...], name: str, channels: int, positive: bool) -> list[float]:
-    """Per-channel statistics as a list of one finite float per channel (std strictly positive)."""
+    """Per-channel statistics as a list of one finite float per channel (std strictly positive).
+
+    An absent value takes the family's default, per channel when it has `channels` values, else their average for
+    every channel (e.g. [0.5] for a greyscale ViT, whose processors use 0.5 too).
+    """
     if values is None:
-        return list(default)
+        return list(default) if len(default) == channels else [sum(default) / len(default)] * channels
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         values = [values] * channels
     try:

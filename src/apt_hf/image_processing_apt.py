@@ -155,9 +155,10 @@ class AptImageProcessingMixin:
                                       image_mean=image_mean, image_std=image_std, return_tensors=None, **kwargs)
         resized = [_as_tensor(image) for image in resized["pixel_values"]]
         for i, image in enumerate(resized):
-            if image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(f"images: expected 3-channel (RGB) images after conversion, image {i} has shape "
-                                 f"{tuple(image.shape)}; pass do_convert_rgb=True or RGB images")
+            if image.ndim != 3 or image.shape[0] not in (1, 3):
+                raise ValueError(f"images: expected RGB (or, for greyscale models, 1-channel) images after "
+                                 f"conversion, image {i} has shape {tuple(image.shape)}; pass do_convert_rgb=True or "
+                                 "RGB images")
             validate_image_size(image.shape[1], image.shape[2], patch_size,
                                 setting="size / crop_size (or do_center_crop)")
         # Grouped as transformers groups: by default one batch per shape off the CPU, one image at a time on it

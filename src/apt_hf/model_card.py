@@ -1,4 +1,5 @@
-"""Model cards for APT checkpoints, rendered with huggingface_hub's ModelCard from the templates in model_cards/.
+"""Model cards for APT checkpoints, rendered with huggingface_hub's ModelCard from the package's templates
+(apt_hf/model_cards/*.md, shipped as package data, so an installed wheel renders the same cards as a checkout).
 
 Metadata (library, pipeline tag, base model, data sets, license, tags, model-index) lives in `ModelCardData`, so
 the Hub, `ModelCard.load` and leaderboards read it; the templates only hold the prose, the usage snippet and
@@ -12,6 +13,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,9 @@ THROUGHPUT_COLUMNS = (
     ("lm_image_tokens_per_image", "`<image>` tokens / image"),
 )
 
-# Where the templates live in a source checkout (model_cards/ at the repository root).
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+# The templates: package data (apt_hf/model_cards/), read through importlib.resources so that they are found in
+# an editable checkout, an installed wheel or a zipped install alike.
+TEMPLATE_DIR = resources.files(__package__) / "model_cards"
 
 
 @dataclass(frozen=True)
@@ -318,10 +321,15 @@ def render_model_card(
     if kind not in CARD_KINDS:
         raise ValueError(f"kind: expected one of {sorted(CARD_KINDS)}, got {kind!r}")
     spec = CARD_KINDS[kind]
-    template = Path(template_path) if template_path is not None else TEMPLATE_DIR / spec.template
-    if not template.is_file():
-        raise ValueError(f"template_path: model card template {template} not found (model_cards/ of the apt_hf "
-                         "source tree); pass template_path=")
+    if template_path is not None:
+        template = Path(template_path)
+        if not template.is_file():
+            raise ValueError(f"template_path: model card template {template} not found")
+    else:
+        template = TEMPLATE_DIR / spec.template
+        if not template.is_file():
+            raise ValueError(f"kind: the model card template {spec.template} is missing from the installed apt_hf "
+                             f"({TEMPLATE_DIR}): its package data was not installed; reinstall apt_hf")
     name = repo_id.split("/")[-1]
     card_data = ModelCardData(
         model_name=name if eval_run else None,  # only model-index needs it
@@ -342,7 +350,7 @@ def render_model_card(
             eval_rows.append([s.task, metric, _format(s.value), "" if s.stderr is None else _format(s.stderr)])
     return ModelCard.from_template(
         card_data,
-        template_path=str(template),
+        template_str=template.read_text(encoding="utf-8"),
         title=f"{spec.title}: {name}",
         repo_id=repo_id,
         settings_rows=apt_settings_rows(settings),

@@ -9,6 +9,7 @@ backend the user chose (`model.config._attn_implementation`, read at every call)
 Part of the remote-code set: imports only torch, transformers and sibling modules (relatively).
 """
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,12 +22,19 @@ from transformers import CLIPVisionModel, PreTrainedModel, ViTForImageClassifica
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.models.clip.modeling_clip import (
+    CLIPAttention,
     CLIPEncoder,
     CLIPEncoderLayer,
     CLIPPreTrainedModel,
     CLIPVisionEmbeddings,
 )
-from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTLayer, ViTPooler, ViTPreTrainedModel
+from transformers.models.vit.modeling_vit import (
+    ViTAttention,
+    ViTEmbeddings,
+    ViTLayer,
+    ViTPooler,
+    ViTPreTrainedModel,
+)
 from transformers.utils import is_torch_flex_attn_available, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
@@ -44,6 +52,7 @@ from .patchify import (
     PatchLayout,
     base_patch_index,
     compute_layout,
+    is_exporting,
     pack_base_patches,
     recover_uint8,
     uniform_layout,
@@ -88,6 +97,9 @@ class AptModelOutput(_LayoutFields, BaseModelOutputWithPooling):
         Per-image pooled output, computed exactly as the stock model does from its CLS token.
     cu_seqlens (`torch.IntTensor` of shape `(batch_size + 1,)`):
         Cumulative sequence lengths (CLS included): image i is rows cu_seqlens[i]:cu_seqlens[i + 1].
+    attentions (`tuple` per layer of `tuple` per image of `torch.FloatTensor` `(num_heads, L_i, L_i)`):
+        With `output_attentions=True` on eager: each image's attention over its own sequence [CLS, tokens...], rows
+        and columns in the order of `per_image()`.
     patch_scales, patch_positions, tokens_per_image, image_grid_hw:
         The token layout (see `AptImageProcessor`), e.g. for `to_grid`.
     """
@@ -108,6 +120,16 @@ class AptImageClassifierOutput(_LayoutFields, ImageClassifierOutput):
     patch_positions: torch.Tensor | None = None
     tokens_per_image: torch.Tensor | None = None
     image_grid_hw: torch.Tensor | None = None
+
+
+def packed_dynamic_shapes() -> dict[str, Any]:
+    """`dynamic_shapes` for `torch.export.export(model, (), kwargs=processor_output, dynamic_shapes=...)`: the numbers
+    of base patches (N) and tokens (T) vary with the images; the batch size is fixed per exported program."""
+    from torch.export import Dim
+
+    patches, tokens = Dim("base_patches", min=1), Dim("tokens", min=1)
+    return {"pixel_values": {0: patches}, "patch_scales": {0: tokens}, "patch_positions": {0: tokens},
+            "tokens_per_image": None, "image_grid_hw": None}
 
 
 def split_per_image(
@@ -194,7 +216,8 @@ class PatchMergeConv(nn.Conv2d):
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         n, dim, h, w = grid.shape
-        blocks = grid.reshape(n, dim, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(-1, dim * 4)
+        blocks = grid.reshape(n, dim, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n * (h // 2) * (w // 2),
+                                                                                              dim * 4)
         out = F.linear(blocks, self.weight.reshape(self.out_channels, -1), self.bias)
         return out.view(n, h // 2, w // 2, self.out_channels).permute(0, 3, 1, 2)
 
@@ -246,7 +269,8 @@ class AptPatchEmbeddings(nn.Module):
     def _embed(self, patches: torch.Tensor) -> torch.Tensor:
         """E on (n, C, p, p) patches -> (n, D); the p x p conv at stride p is one matrix product per patch."""
         weight, bias = self._projection()
-        return F.linear(patches.reshape(patches.shape[0], -1), weight.reshape(weight.shape[0], -1), bias)
+        flat = patches.reshape(patches.shape[0], math.prod(patches.shape[1:]))  # explicit: -1 is ambiguous for 0 rows
+        return F.linear(flat, weight.reshape(weight.shape[0], -1), bias)
 
     def prepare_inputs(
         self,
@@ -274,10 +298,16 @@ class AptPatchEmbeddings(nn.Module):
                 raise ValueError(f"pixel_values: packed inputs need base patches of shape (N, {channels}, {p}, {p}), "
                                  f"got {tuple(pixel_values.shape)}")
             layout = PatchLayout(*(_as_index_tensor(v, k, pixel_values.device) for k, v in given.as_dict().items()))
+            if len(layout.image_grid_hw) == 0:
+                raise ValueError("tokens_per_image: expected at least one image, got none")
+            if is_exporting():
+                _check_exported_layout(layout, n)
+                return pixel_values, layout
             validate_layout(layout, config.num_scales, pixel_values.shape[0])
             grids = layout.image_grid_hw
-            if len(grids) == 0:
-                raise ValueError("tokens_per_image: expected at least one image, got none")
+        elif is_exporting():
+            raise ValueError("pixel_values: torch.export takes the processor's packed inputs (pixel_values with "
+                             f"{', '.join(PatchLayout.KEYS)}), got dense images alone")
         else:
             b, _, h, w = pixel_values.shape
             if b == 0:
@@ -307,8 +337,7 @@ class AptPatchEmbeddings(nn.Module):
         b, _, h, w = pixel_values.shape
         if config.num_scales == 1 or max(config.thresholds, default=-1.0) <= 0:
             return uniform_layout(b, h // p, w // p, pixel_values.device)
-        if pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values: APT scoring needs RGB images, got {pixel_values.shape[1]} channels")
+        _warn_if_inexact(pixel_values, config.image_mean)
         images = recover_uint8(pixel_values, config.image_mean, config.image_std)
         return compute_layout(images, p, config.num_scales, config.thresholds, config.scorer, config.entropy_bins)
 
@@ -319,9 +348,13 @@ class AptPatchEmbeddings(nn.Module):
         n = self.native_grid()
         patch_table = table[1:]
         native = patch_table.reshape(1, n, n, dim).permute(0, 3, 1, 2)
-        grids, grid_of_image = torch.unique(layout.image_grid_hw, dim=0, return_inverse=True)
+        if is_exporting():  # every image on the native grid (checked by _check_exported_layout)
+            grids, grid_of_image = [(n, n)], torch.zeros_like(layout.tokens_per_image)
+        else:
+            unique, grid_of_image = torch.unique(layout.image_grid_hw, dim=0, return_inverse=True)
+            grids = unique.tolist()
         pieces, offsets, widths, total = [], [], [], 0
-        for rows, cols in grids.tolist():
+        for rows, cols in grids:
             for s in range(num_scales_used):
                 if s == 0 and rows == n and cols == n:
                     piece = patch_table
@@ -338,7 +371,8 @@ class AptPatchEmbeddings(nn.Module):
         offsets_t = torch.tensor(offsets, device=device).view(len(grids), num_scales_used)
         widths_t = torch.tensor(widths, device=device).view(len(grids), num_scales_used)
         g, s = grid_of_image.view(-1)[layout.image_of_token], layout.patch_scales
-        row, col = layout.patch_positions[:, 0] >> s, layout.patch_positions[:, 1] >> s
+        coarse = layout.patch_positions // _scale_sides(num_scales_used, device)[s, None]  # (row, col) >> s
+        row, col = coarse[:, 0], coarse[:, 1]
         index = offsets_t[g, s] + row * widths_t[g, s] + col
         return torch.cat(pieces).index_select(0, index.to(table.device))
 
@@ -348,29 +382,33 @@ class AptPatchEmbeddings(nn.Module):
         x = pixel_values.to(weight.dtype)
         scales = layout.patch_scales
         sub = self._embed(x)  # E of every base patch, (N, D)
-        num_used = int(scales.max()) + 1 if scales.numel() else 1
+        exporting = is_exporting()
+        if exporting:  # the scales a batch uses are data: trace every scale, each with its (possibly no) tokens
+            num_used = self.config.num_scales
+        else:
+            num_used = int(scales.max()) + 1 if scales.numel() else 1
         if num_used == 1:
             tokens = sub
         else:
-            cells = 1 << (2 * scales)
+            cells = _scale_sides(num_used, scales.device)[scales].square()  # 4**s base patches per token
             first = torch.cumsum(cells, 0) - cells
             tokens = sub.new_empty(scales.shape[0], sub.shape[1])
             p, ch = x.shape[-1], x.shape[1]
             for s in range(num_used):
-                idx = (scales == s).nonzero().squeeze(1)
-                if idx.numel() == 0:
+                idx = (scales == s).nonzero()[:, 0]
+                if not exporting and idx.numel() == 0:
                     continue
                 if s == 0:
                     tokens.index_copy_(0, idx, sub.index_select(0, first[idx]))
                     continue
-                side = 1 << s
+                side, count = 1 << s, idx.shape[0]  # explicit sizes: -1 is ambiguous for no tokens
                 members = (first[idx, None] + torch.arange(side * side, device=idx.device)).view(-1)
-                grid = sub.index_select(0, members).view(-1, side, side, sub.shape[1]).permute(0, 3, 1, 2)
+                grid = sub.index_select(0, members).view(count, side, side, sub.shape[1]).permute(0, 3, 1, 2)
                 for _ in range(s):
                     grid = self.merge_conv(grid)
                 detail = self.zero_mlp(grid.flatten(1))
-                block = x.index_select(0, members).view(-1, side, side, ch, p, p)
-                block = block.permute(0, 3, 1, 4, 2, 5).reshape(-1, ch, side * p, side * p)
+                block = x.index_select(0, members).view(count, side, side, ch, p, p)
+                block = block.permute(0, 3, 1, 4, 2, 5).reshape(count, ch, side * p, side * p)
                 resized = F.interpolate(block, size=(p, p), mode="bilinear", align_corners=False, antialias=False)
                 tokens.index_copy_(0, idx, self._embed(resized) + detail)
         tokens = tokens + self._token_positions(layout, num_used)
@@ -386,6 +424,36 @@ class AptPatchEmbeddings(nn.Module):
         packed.index_copy_(0, token_rows, tokens)
         packed.index_copy_(0, cls_rows, cls.expand(batch, -1))
         return packed
+
+
+def _scale_sides(num_scales: int, device: torch.device) -> torch.Tensor:
+    """(num_scales,) int64: 2**s, the side of a scale-s token in base cells, to look up per token (a gather, where
+    integer shifts of tensors would not export to ONNX)."""
+    return torch.tensor([1 << s for s in range(num_scales)], device=device)
+
+
+def _warn_if_inexact(pixel_values: torch.Tensor, image_mean: list[float]) -> None:
+    """Warn when dense pixels are too coarse to give back the exact 8-bit image (bfloat16: its rounding error reaches
+    half an 8-bit step), as the layout may then differ from the processor's. float16 and float32 are exact."""
+    if not pixel_values.is_floating_point():
+        return
+    # A pixel normalized as (v / 255 - m) / s is at most max(m, 1 - m) / s in size, so its rounding error, back in
+    # 8-bit units, reaches eps * max(m, 1 - m) * 255 (the std cancels).
+    if torch.finfo(pixel_values.dtype).eps * max(max(m, 1 - m) for m in image_mean) * 255 >= 0.5:
+        logger.warning_once(
+            f"pixel_values: dense {pixel_values.dtype} pixels cannot be un-normalised to the exact 8-bit image, so "
+            "the APT layout may differ from the processor's; pass the processor's packed output "
+            "(model(**processor(images, return_tensors='pt'))), or float32 / float16 pixel_values")
+
+
+def _check_exported_layout(layout: PatchLayout, native_grid: int) -> None:
+    """What an exported program can check of the packed keys (the processor made them; validate_layout reads
+    values on the host): every image on the native grid, and counts that add up. Checked when the program runs."""
+    torch._check((layout.image_grid_hw == native_grid).all().item(),
+                 lambda: f"image_grid_hw: an exported APT model takes images of its native {native_grid}x"
+                         f"{native_grid} grid")
+    torch._check((layout.tokens_per_image.sum() == layout.patch_scales.shape[0]).item(),
+                 lambda: "tokens_per_image: expected to sum to the number of tokens in patch_scales")
 
 
 def _as_index_tensor(value: Any, name: str, device: torch.device) -> torch.Tensor:
@@ -431,8 +499,14 @@ class AptViTEmbeddings(AptPatchEmbeddings, ViTEmbeddings):
 
 
 def _packed_encoder_config(config: Any) -> Any:
-    """A copy of the config for the stock encoder layers, built so that their attention is `packed_attention`."""
-    return type(config)(**config.to_dict(), attn_implementation=APT_PACKED)
+    """A copy of the config for the stock encoder layers, whose attention is `packed_attention`.
+
+    Copied, not rebuilt: a config the stock model accepts after the user changed it in place (num_labels,
+    problem_type, num_channels, ...) must build as it is, without being validated again.
+    """
+    encoder_config = copy.deepcopy(config)
+    encoder_config._attn_implementation = APT_PACKED
+    return encoder_config
 
 
 @torch.no_grad()
@@ -650,10 +724,18 @@ def _layout_fields(layout: PatchLayout, cu_seqlens: torch.Tensor) -> dict[str, t
     return {"cu_seqlens": cu_seqlens, **layout.as_dict()}
 
 
-def _check_no_attentions(kwargs: dict[str, Any]) -> None:
-    if kwargs.pop("output_attentions", False) or kwargs.pop("attention_mask", None) is not None:
-        raise ValueError("output_attentions / attention_mask: not supported by APT's packed attention (each image "
-                         "attends to all of its own tokens; per-image attention maps are not returned)")
+def _check_attention_options(config: Any, kwargs: dict[str, Any]) -> None:
+    """Attention maps come per image from eager only (see `packed_attention`); refuse them clearly elsewhere, whether
+    asked by keyword or by config (capture_outputs has read the flag; the layers need not see it)."""
+    if kwargs.pop("attention_mask", None) is not None:
+        raise ValueError("attention_mask: not supported by APT models (each image attends to all of its own tokens, "
+                         "and packing already separates the images)")
+    wanted = kwargs.pop("output_attentions", None)
+    wanted = config.output_attentions if wanted is None else wanted
+    backend = config._attn_implementation
+    if wanted and backend != "eager":
+        raise ValueError(f"output_attentions: attention maps come from attn_implementation='eager' only, this model "
+                         f"runs {backend!r}; call model.set_attn_implementation('eager') first")
 
 
 @torch.compiler.disable
@@ -674,7 +756,8 @@ def _embed_packed(
     lengths = layout.tokens_per_image + 1
     cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
     hidden = embeddings(base, layout)[None]
-    packing = PackedSequences(cu_seqlens, model.config._attn_implementation or "sdpa", hidden.device)
+    exported_length = hidden.shape[1] if is_exporting() else None
+    packing = PackedSequences(cu_seqlens, model.config._attn_implementation or "sdpa", hidden.device, exported_length)
     return hidden, layout, cu_seqlens, packing
 
 
@@ -697,7 +780,7 @@ class AptVisionModelMixin(AptPreTrainedMixin):
         patch_scales, patch_positions, tokens_per_image, image_grid_hw: the processor's layout (packed input).
         interpolate_pos_encoding: allow image sizes other than config.image_size (as the stock model).
         """
-        _check_no_attentions(kwargs)
+        _check_attention_options(self.config, kwargs)
         layout_inputs = dict(zip(PatchLayout.KEYS, (patch_scales, patch_positions, tokens_per_image, image_grid_hw),
                                  strict=True))
         hidden, layout, cu_seqlens, packing = _embed_packed(self, pixel_values, layout_inputs, interpolate_pos_encoding)
@@ -720,7 +803,7 @@ class AptCLIPVisionModel(AptVisionModelMixin, CLIPPreTrainedModel):
     input_modalities = ("image",)
     _input_embed_layer = "patch_embedding"
     _no_split_modules = ["CLIPEncoderLayer", "AptCLIPVisionEmbeddings"]
-    _can_record_outputs = {"hidden_states": CLIPEncoderLayer}
+    _can_record_outputs = {"hidden_states": CLIPEncoderLayer, "attentions": CLIPAttention}
     _stock_class = CLIPVisionModel
 
     def __init__(self, config: AptCLIPVisionConfig) -> None:
@@ -763,7 +846,7 @@ class AptViTModel(AptVisionModelMixin, ViTPreTrainedModel):
     config_class = AptViTConfig
     config: AptViTConfig
     _no_split_modules = ["AptViTEmbeddings", "ViTLayer"]
-    _can_record_outputs = {"hidden_states": ViTLayer}
+    _can_record_outputs = {"hidden_states": ViTLayer, "attentions": ViTAttention}
     _stock_class = ViTModel
 
     def __init__(self, config: AptViTConfig, add_pooling_layer: bool = True) -> None:
@@ -812,7 +895,7 @@ class AptViTForImageClassification(AptPreTrainedMixin, ViTPreTrainedModel):
     config_class = AptViTConfig
     config: AptViTConfig
     _no_split_modules = ["AptViTEmbeddings", "ViTLayer"]
-    _can_record_outputs = {"hidden_states": ViTLayer}
+    _can_record_outputs = {"hidden_states": ViTLayer, "attentions": ViTAttention}
     _stock_class = ViTForImageClassification
     _apt_auto_classes = ("AutoModel", "AutoModelForImageClassification")
 
@@ -882,6 +965,7 @@ __all__ = [
     "AptImageClassifierOutput",
     "split_per_image",
     "drop_cls_tokens",
+    "packed_dynamic_shapes",
     "expand_to_grid",
     "register_auto_classes",
 ]

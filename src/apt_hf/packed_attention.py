@@ -2,9 +2,10 @@
 
 The stock encoder layers dispatch through transformers' `AttentionInterface` to `packed_attention` (registered as
 "apt_packed"), which runs the backend the user chose (`model.config._attn_implementation`) over the packing the
-model computed once per forward (`PackedSequences`). Never a dense mask over the whole batch:
-eager / sdpa run once per run of equal-length images, flex_attention gets a document BlockMask built at block
-level, flash-attention 2/3 and torch's varlen kernel ("apt_varlen") take cu_seqlens.
+model computed once per forward (`PackedSequences`). No dense mask over the whole batch: eager / sdpa run once per
+run of equal-length images, flex_attention gets a document BlockMask built at block level, flash-attention 2/3 and
+torch's varlen kernel ("apt_varlen") take cu_seqlens. The one exception is a torch.export'ed program, which cannot
+read the images' lengths on the host: one sdpa call with a boolean same-image mask.
 
 transformers internals this module still relies on (no public alternative exists in 5.23-5.24):
 - `integrations.flash_attention.flash_attention_forward` reads `module.config._attn_implementation` to pick the
@@ -18,6 +19,7 @@ Part of the remote-code set: imports only torch, transformers and sibling module
 """
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +29,14 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.flash_attention import flash_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.models.clip.modeling_clip import CLIPAttention
 from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention_forward
 from transformers.models.vit.modeling_vit import ViTAttention
 from transformers.models.vit.modeling_vit import eager_attention_forward as vit_eager_attention_forward
 from transformers.utils import is_flash_attn_2_available, logging
+
+from .patchify import segment_ids
 
 logger = logging.get_logger(__name__)
 
@@ -45,21 +50,28 @@ INSTALL_HINTS = {
     "flash_attention_3": "install FlashAttention-3 (`flash_attn_interface` from the flash-attention repo's hopper/ "
     "folder, Hopper GPUs only)",
     "flex_attention": "install torch>=2.5",
-    APT_VARLEN: "install torch>=2.10 (torch.nn.attention.varlen) and run on a CUDA GPU with compute capability >= 8.0",
+    APT_VARLEN: "install torch>=2.11 (torch.nn.attention.varlen with scale=) and run on a CUDA GPU with compute "
+    "capability >= 8.0",
 }
 
 def _varlen_fn() -> Callable | None:
-    """torch's own variable-length (FlashAttention) kernel, when this torch has it."""
+    """torch's own variable-length (FlashAttention) kernel, when this torch has it with the `scale=` APT passes
+    (torch 2.10's has none: judged by the signature, not by the import)."""
     try:
-        return importlib.import_module("torch.nn.attention.varlen").varlen_attn
+        fn = importlib.import_module("torch.nn.attention.varlen").varlen_attn
     except (ImportError, AttributeError):
         return None
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    return fn if "scale" in parameters else None
 
 
 def varlen_problem() -> str | None:
     """Why torch's varlen kernel cannot run here, or None."""
     if _varlen_fn() is None:
-        return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen"
+        return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen.varlen_attn taking scale="
     if not torch.cuda.is_available():
         return "it needs a CUDA GPU and none is visible"
     if torch.cuda.get_device_capability()[0] < 8:
@@ -137,13 +149,15 @@ def packed_attention(
     dropout: float = 0.0,
     apt_packing: "PackedSequences | None" = None,
     **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Attention over a packed (1, H, L, d) batch, confined to each image, with the requested backend.
 
     eager / sdpa run transformers' own functions once per run of equal-length images (views, no copies);
     flex_attention gets the document BlockMask built by the model; flash_attention_2/3 and varlen use the
     variable-length kernels with cu_seqlens. Excluded from torch.compile graphs: the per-image bookkeeping is
-    host-side, everything else in the layer compiles.
+    host-side, everything else in the layer compiles. Under torch.export, one sdpa call with a document mask.
+
+    Returns the packed output and, on eager, every image's attention map (heads, L_i, L_i) as a tuple.
     """
     if not hasattr(apt_packing, "cu_seqlens"):  # duck-typed: two remote-code copies may each register this function
         raise ValueError("apt_packed attention runs only inside APT models, which pass the packing (apt_packing)")
@@ -155,11 +169,15 @@ def packed_attention(
         )
         backend = "sdpa"
 
+    if apt_packing.document_mask is not None:  # torch.export: one masked sdpa call (see PackedSequences)
+        return sdpa_attention_forward(module, query, key, value, apt_packing.document_mask, scaling=scaling,
+                                      dropout=dropout, is_causal=False, **kwargs)
+
     if backend in ("sdpa", "eager"):
         fn = sdpa_attention_forward if backend == "sdpa" else _stock_eager(module)
-        outputs = []
+        outputs, weights = [], []
         for start, length, count in apt_packing.runs:
-            out, _ = fn(
+            out, run_weights = fn(
                 module,
                 _as_batch(query, start, length, count),
                 _as_batch(key, start, length, count),
@@ -170,22 +188,25 @@ def packed_attention(
                 **kwargs,
             )
             outputs.append(out.reshape(1, count * length, *out.shape[2:]))
-        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
+            if run_weights is not None:
+                weights.extend(run_weights.unbind(0))
+        # eager: each image's own (heads, L_i, L_i) map, in batch order (what output_attentions records).
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), tuple(weights) or None
 
     if backend == "flex_attention":
         if query.device.type == "cpu":
             if dropout > 0:
                 raise ValueError("attn_implementation='flex_attention' has no attention dropout; use model.eval() "
                                  "or set the attention dropout to 0")
-            return _cpu_flex(query, key, value, apt_packing.block_mask, scaling), None
+            return _cpu_flex(query, key, value, apt_packing.block_mask_on(query.device), scaling), None
         from transformers.integrations.flex_attention import flex_attention_forward
 
-        out, _ = flex_attention_forward(module, query, key, value, apt_packing.block_mask, scaling=scaling,
-                                        dropout=dropout, **kwargs)
+        out, _ = flex_attention_forward(module, query, key, value, apt_packing.block_mask_on(query.device),
+                                        scaling=scaling, dropout=dropout, **kwargs)
         return out, None
 
     if backend in ("flash_attention_2", "flash_attention_3"):
-        cu, longest = apt_packing.cu_seqlens.to(device=query.device, dtype=torch.int32), apt_packing.max_seqlen
+        cu, longest = apt_packing.cu_seqlens_on(query.device), apt_packing.max_seqlen
         out, _ = flash_attention_forward(
             _ModuleView(module, backend), query, key, value, None, dropout=dropout, scaling=scaling, is_causal=False,
             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
@@ -193,7 +214,8 @@ def packed_attention(
         return out, None
 
     if backend == APT_VARLEN:
-        return _varlen_packed(query, key, value, apt_packing.cu_seqlens, apt_packing.max_seqlen, scaling), None
+        return _varlen_packed(query, key, value, apt_packing.cu_seqlens_on(query.device), apt_packing.max_seqlen,
+                              scaling), None
 
     raise ValueError(f"attn_implementation: {backend!r} is not supported by APT models; use one of "
                      f"'eager', 'sdpa', 'flex_attention', 'flash_attention_2', 'flash_attention_3', {APT_VARLEN!r}")
@@ -223,10 +245,20 @@ def varlen_attention_forward(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """`apt_varlen` for models other than APT's: each row of a (B, H, L, d) batch is one sequence, no padding."""
+    """`apt_varlen` for models other than APT's: each row of a (B, H, L, d) batch is one full, bidirectional sequence.
+
+    The name is registered process-wide, so any model accepts it; it refuses what it cannot compute rather than
+    give a wrong answer: causal attention (a language model) and padded batches (its mask function is sdpa's, so
+    padding shows up as a mask).
+    """
+    if getattr(module, "is_causal", False):
+        raise ValueError(
+            f"attn_implementation={APT_VARLEN!r} (APT's packed vision attention) cannot run causal attention, asked by "
+            f"{type(module).__name__}; give it to the vision tower only, e.g. attn_implementation="
+            "{'vision_config': 'varlen', 'text_config': 'sdpa'}, or use 'sdpa' / 'flash_attention_2'")
     if attention_mask is not None:
-        raise ValueError(f"attn_implementation={APT_VARLEN!r} cannot apply an attention mask; use 'sdpa' or flash "
-                         "attention")
+        raise ValueError(f"attn_implementation={APT_VARLEN!r} cannot apply an attention mask (a padded batch); use "
+                         "'sdpa' or flash attention")
     if dropout > 0:
         raise ValueError(f"attn_implementation={APT_VARLEN!r} has no attention dropout; set the dropout to 0 or use "
                          "'sdpa'")
@@ -239,6 +271,9 @@ def varlen_attention_forward(
 
 AttentionInterface.register(APT_PACKED, packed_attention)
 AttentionInterface.register(APT_VARLEN, varlen_attention_forward)
+# sdpa's mask for apt_varlen, so that a padded batch reaches varlen_attention_forward as a mask (and is refused);
+# without padding it is None.
+ALL_MASK_ATTENTION_FUNCTIONS.register(APT_VARLEN, sdpa_mask)
 
 
 class _FlexModuleStub:
@@ -328,14 +363,46 @@ class PackedSequences:
     equal-length images (eager / sdpa) and flex's document BlockMask. It reaches `packed_attention` as one opaque
     kwarg, so torch.compile never sees the per-batch Python ints and tuples (which it would guard on, recompiling
     for every new batch).
+
+    Under torch.export nothing may be read on the host: given `exported_length` (L), it builds instead a boolean
+    (1, 1, L, L) mask of same-image pairs from `cu_seqlens` as tensor code, for one masked sdpa call. That is the
+    only place APT builds a dense mask, and only in exported programs.
     """
 
-    __slots__ = ("backend", "block_mask", "cu_seqlens", "max_seqlen", "runs")
+    __slots__ = ("_moved", "backend", "block_mask", "cu_seqlens", "document_mask", "max_seqlen", "runs")
 
-    def __init__(self, cu_seqlens: torch.Tensor, backend: str, device: torch.device) -> None:
+    def __init__(self, cu_seqlens: torch.Tensor, backend: str, device: torch.device,
+                 exported_length: int | None = None) -> None:
         self.cu_seqlens = cu_seqlens
         self.backend = backend
+        self.document_mask = None
+        self.block_mask = None
+        self._moved: dict[tuple[str, torch.device], Any] = {}
+        if exported_length is not None:
+            self.max_seqlen, self.runs = None, ()
+            self.document_mask = document_mask(cu_seqlens.to(device), exported_length)
+            return
         self.max_seqlen = int(cu_seqlens.diff().max())
         flex = backend == "flex_attention"
         self.runs = () if flex else equal_length_runs(cu_seqlens)  # also the sdpa fallback of CUDA-only kernels
         self.block_mask = document_block_mask(cu_seqlens, device) if flex else None
+
+    def block_mask_on(self, device: torch.device) -> Any:
+        """The flex BlockMask on `device`: moved once per device, e.g. when a device_map splits the encoder."""
+        return self._on("block_mask", device, lambda: self.block_mask.to(device))
+
+    def cu_seqlens_on(self, device: torch.device) -> torch.Tensor:
+        """`cu_seqlens` as int32 on `device` (for the varlen kernels), copied once per device."""
+        return self._on("cu_seqlens", device, lambda: self.cu_seqlens.to(device=device, dtype=torch.int32))
+
+    def _on(self, name: str, device: torch.device, move: Callable[[], Any]) -> Any:
+        key = (name, torch.device(device))
+        if key not in self._moved:
+            self._moved[key] = move()
+        return self._moved[key]
+
+
+def document_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """(1, 1, L, L) boolean mask of the pairs of positions that belong to the same image (traceable tensor code)."""
+    image = segment_ids(cu_seqlens.diff(), length)
+    return (image[:, None] == image[None, :])[None, None]

@@ -98,8 +98,35 @@ class PatchLayout:
     @cached_property
     def image_of_token(self) -> torch.Tensor:
         """(T,) index of the image each token belongs to."""
-        tokens = self.tokens_per_image
-        return torch.repeat_interleave(torch.arange(len(tokens), device=tokens.device), tokens)
+        return segment_ids(self.tokens_per_image, self.patch_scales.shape[0])
+
+
+def is_exporting() -> bool:
+    """Whether torch.export is tracing (then no value may be read on the host)."""
+    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+
+
+def segment_ids(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) index of the segment each position falls in, for consecutive segments of `counts` positions.
+
+    `total` (= counts.sum(), known from a shape) spares a host sync. Under torch.export, a comparison against the
+    segment ends (O(total * segments), for the few images of an exported batch) that ONNX can express.
+    """
+    if is_exporting():
+        ends = torch.cumsum(counts, 0)
+        return (torch.arange(total, device=counts.device)[:, None] >= ends[None, :]).sum(-1)
+    return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=total)
+
+
+def true_divide(x: torch.Tensor, divisor: float, inplace: bool = False) -> torch.Tensor:
+    """x / divisor (in place when asked), correctly rounded on every device.
+
+    CUDA computes a division by a Python scalar as a multiplication by its reciprocal (one bit off at times, enough
+    to move a gray level to another histogram bin); a division by a tensor on the same device is a true division.
+    Every division of the scoring path goes through here, so a GPU scores exactly as the CPU and the official code.
+    """
+    divisor_tensor = torch.tensor([divisor], dtype=x.dtype, device=x.device)
+    return x.div_(divisor_tensor) if inplace else x / divisor_tensor
 
 
 def validate_apt_fields(
@@ -205,9 +232,9 @@ def recover_uint8(
     if image_mean is not None and image_std is not None:
         mean = _per_channel(image_mean, channels, "image_mean", x.device)
         std = _per_channel(image_std, channels, "image_std", x.device)
-        x = torch.addcmul(mean / factor, x, std / factor)  # (x * std + mean) / factor in one pass
+        x = torch.addcmul(true_divide(mean, factor), x, true_divide(std, factor))  # (x * std + mean) / factor
     elif factor != 1.0:
-        x = x / factor
+        x = true_divide(x, factor)
     return x.round().clamp_(0, 255).to(torch.uint8)  # not round_: x may be the caller's own float32 tensor
 
 
@@ -249,7 +276,7 @@ def _gray_levels(images: torch.Tensor, bins: int) -> torch.Tensor:
     index = images.to(torch.int32).transpose(0, 1).flatten(1)  # (3, pixels); index_select: a fast 1-D gather
     gray = tables[0].index_select(0, index[0]) + tables[1].index_select(0, index[1])
     gray += tables[2].index_select(0, index[2])
-    level = gray.mul_(bins).div_(255).floor_().clamp_(max=bins - 1).to(torch.int32)
+    level = true_divide(gray.mul_(bins), 255, inplace=True).floor_().clamp_(max=bins - 1).to(torch.int32)
     return level.view(images.shape[0], *images.shape[2:])
 
 
@@ -290,7 +317,7 @@ def entropy_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int],
             counts = counts[:, : 2 * r, : 2 * c].view(b, r, 2, c, 2, bins).sum(dim=(2, 4))
         if s in scales:
             plogp = _plogp_table((patch_size << s) ** 2, str(images.device))
-            out[s] = -plogp.index_select(0, counts.flatten()).view(counts.shape).sum(-1) / math.log(2)
+            out[s] = true_divide(-plogp.index_select(0, counts.flatten()).view(counts.shape).sum(-1), math.log(2))
     return out
 
 
@@ -298,18 +325,20 @@ def entropy_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int],
 def _plogp_table(pixels: int, device: str) -> torch.Tensor:
     """q ln q for every possible count (q = count / pixels): a gather instead of a log per histogram bin.
 
-    Entries are exactly xlogy(q, q), so entropies are bit-identical to computing it on the histograms.
+    Entries are exactly xlogy(q, q), so entropies are bit-identical to computing it on the histograms. Computed on
+    the CPU and copied, so every device gathers the same table (a GPU's log may differ in the last bit).
     """
-    q = torch.arange(pixels + 1, dtype=torch.float64, device=device) / float(pixels)
-    return torch.special.xlogy(q, q)
+    q = torch.arange(pixels + 1, dtype=torch.float64) / torch.tensor([float(pixels)], dtype=torch.float64)
+    return torch.special.xlogy(q, q).to(device)
 
 
-def _pool_full_patches(per_pixel: torch.Tensor, patch_size: int, scale: int) -> torch.Tensor:
-    """Mean of a (B, H, W) map over every full aligned patch of scale `scale`."""
+def _sum_full_patches(per_pixel: torch.Tensor, patch_size: int, scale: int) -> torch.Tensor:
+    """Sum of a (B, H, W) map over every full aligned patch of scale `scale` (the callers divide: a mean on a GPU
+    multiplies by the reciprocal of the count, which `true_divide` avoids)."""
     side = patch_size << scale
     rows, cols = per_pixel.shape[1] // side, per_pixel.shape[2] // side
     cropped = per_pixel[:, : rows * side, : cols * side]
-    return cropped.reshape(per_pixel.shape[0], rows, side, cols, side).mean(dim=(2, 4))  # rows/cols may be 0
+    return cropped.reshape(per_pixel.shape[0], rows, side, cols, side).sum(dim=(2, 4))  # rows/cols may be 0
 
 
 def laplacian_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -320,12 +349,14 @@ def laplacian_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int
     kernel[0, 0, 1, 1] = -8
     mode = "reflect" if min(gray.shape[-2:]) > 1 else "replicate"  # reflect needs two pixels per side
     lap = F.conv2d(F.pad(gray[:, None], (1, 1, 1, 1), mode=mode), kernel)[:, 0].abs()
-    return {s: _pool_full_patches(lap, patch_size, s) / (255 * 10_000) for s in scales}  # gray in [0, 1]
+    # Integer sums, exact in float64 on any device; one correctly rounded division each (mean, gray in [0, 1]).
+    return {s: true_divide(_sum_full_patches(lap, patch_size, s), (patch_size << s) ** 2 * 255 * 10_000)
+            for s in scales}
 
 
 def upsample_mse_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int]) -> dict[int, torch.Tensor]:
     """Mean squared error (RGB in [0, 1]) between the image and its bilinear down-then-up copy at 2**-s."""
-    x = images.to(torch.float64) / 255
+    x = true_divide(images.to(torch.float64), 255)
     h, w = x.shape[-2:]
     out = {}
     for s in scales:
@@ -335,7 +366,8 @@ def upsample_mse_scores(images: torch.Tensor, patch_size: int, scales: Sequence[
             continue
         down = F.interpolate(x, size=(h // f, w // f), mode="bilinear", align_corners=False)
         up = F.interpolate(down, size=(h, w), mode="bilinear", align_corners=False)
-        out[s] = _pool_full_patches((x - up).pow(2).mean(1), patch_size, s)
+        squared = _sum_full_patches((x - up).pow(2).sum(1), patch_size, s)
+        out[s] = true_divide(squared, x.shape[1] * (patch_size << s) ** 2)  # the mean over channels and pixels
     return out
 
 
@@ -400,10 +432,16 @@ def compute_layout(
     scorer: str = "entropy",
     entropy_bins: int = 512,
 ) -> PatchLayout:
-    """APT layout of a batch of same-size (B, 3, H, W) 8-bit images (uint8 or integer-valued)."""
+    """APT layout of a batch of same-size (B, 3, H, W) 8-bit images (uint8 or integer-valued).
+
+    Single-channel (B, 1, H, W) images are scored as the RGB image with R = G = B: the layout the official
+    pipeline gives a greyscale photo, which it converts to RGB before scoring.
+    """
     thresholds = validate_apt_fields(num_scales, thresholds, scorer, entropy_bins, patch_size)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images: expected (batch, 3, height, width), got shape {tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images: expected (batch, 3, height, width) RGB or (batch, 1, height, width) greyscale "
+                         f"images, got shape {tuple(images.shape)}")
+    images = images.expand(-1, 3, -1, -1)  # a view; greyscale as R = G = B
     if images.dtype != torch.uint8 and images.numel() and (images.min() < 0 or images.max() > 255):
         raise ValueError(f"images: expected 8-bit values 0..255, got range [{images.min()}, {images.max()}]")
     h, w = images.shape[-2:]

@@ -4,6 +4,9 @@
 
 Steps, each in its own process with its own time limit, all inside one overall budget (a step that would start
 with too little of it left is reported as skipped, so the whole run ends in time):
+  - correctness (first): every attention backend against per-image sdpa in float32 and bfloat16 (vision tower,
+    LLaVA prefill, one padding-free training step) and layouts on the GPU against the CPU's (`benchmark.py
+    correctness`);
   - tests: the GPU-only tests (test files that use CUDA, the tests whose ids name cuda / gpu / attn);
   - vision-<backend>: CLIP ViT-L/14-336, bf16, batch 64 (`benchmark.py vision`), one step per attention backend
     that this machine can run (the others are listed with the reason), with peak memory;
@@ -40,6 +43,7 @@ MIN_STEP_S = 15  # a step is not started with less of the budget left than this
 DRY_RUN_SLACK = 4  # the rehearsal's limits and budget, times this: a CPU starts even tiny models slowly
 FULL = {  # the measurement on one GPU
     "device": ["--device", "cuda"],
+    "correctness": ["--preset", "small", "--images", "4"],
     "vision": ["--family", "clip", "--size", "large", "--image_size", "336", "--patch_size", "14", "--dtype",
                "bfloat16", "--batch", "64", "--repeats", "5"],
     "llava-prefill": ["--preset", "7b", "--dtype", "bfloat16", "--batch_size", "1", "4", "8", "--num_images", "8",
@@ -51,6 +55,7 @@ FULL = {  # the measurement on one GPU
 }
 DRY_RUN = {  # the same steps with tiny shapes on the CPU, bfloat16 where the GPU uses it
     "device": ["--device", "cpu"],
+    "correctness": ["--preset", "tiny", "--images", "3"],
     "vision": ["--family", "clip", "--size", "tiny", "--image_size", "112", "--patch_size", "14", "--dtype",
                "float32", "--batch", "2", "--repeats", "1"],
     "llava-prefill": ["--preset", "tiny", "--dtype", "float32", "--batch_size", "1", "2", "--num_images", "2",
@@ -60,11 +65,12 @@ DRY_RUN = {  # the same steps with tiny shapes on the CPU, bfloat16 where the GP
     "train": ["--preset", "tiny", "--dtype", "bfloat16", "--batch_size", "2", "--repeats", "1",
               "--trainable", "apt,projector", "--optimizer", "adamw"],
 }
-TIMEOUTS = {"tests": 90, "vision": 60, "vision-flex_attention": 100, "llava-prefill": 90, "train": 80,
-            "llava-generation": 80}
-# Most telling first: what is cut when the budget runs out is the least needed.
-ORDER = ("tests", "vision-sdpa", "llava-prefill", "train", "llava-generation", "vision-apt_varlen",
-         "vision-flash_attention_2", "vision-flash_attention_3", "vision-eager", "vision-flex_attention")
+TIMEOUTS = {"correctness": 90, "tests": 90, "vision": 60, "vision-flex_attention": 100, "llava-prefill": 90,
+            "train": 80, "llava-generation": 80}
+# Most telling first: what is cut when the budget runs out is the least needed. Correctness before any timing; the
+# GPU-only kernels (varlen, flash-attention) before the benchmarks that do not need them.
+ORDER = ("correctness", "tests", "vision-sdpa", "vision-apt_varlen", "vision-flash_attention_2", "llava-prefill",
+         "train", "vision-flash_attention_3", "llava-generation", "vision-eager", "vision-flex_attention")
 
 
 @dataclasses.dataclass
@@ -104,6 +110,8 @@ def plan(dry_run: bool, work: Path, tests_dir: Path, backends: Sequence[str], py
         return Step(name, title, [python, "-m", f"apt_hf.benchmarks.{suite}", *extra, *shapes["device"],
                                   "--json", str(out)], slack * TIMEOUTS.get(name, TIMEOUTS.get(suite, 60)),
                     json_path=out, only=only)
+
+    steps.append(bench("correctness", "correctness", shapes["correctness"], "correctness"))
 
     for backend in backends:
         steps.append(bench(f"vision-{backend}", "vision", [*shapes["vision"], "--attn", backend],
@@ -182,8 +190,9 @@ def step_rows(step: Step, code: int | None, elapsed: float, last_line: str) -> l
         if ids:
             result += ": " + ", ".join(i.rsplit(".", 1)[-1] for i in ids[:5]) + (" ..." if len(ids) > 5 else "")
         return [row(step.title, "pytest", result)]
-    if code != 0 or step.json_path is None or not step.json_path.exists():
+    if step.json_path is None or not step.json_path.exists():
         return [row(step.title, step.name, f"FAILED (exit {code}): {last_line}")]
+    # A step's own rows even when it failed: the correctness check exits 1 on a mismatch, and its rows say which.
     return [r for r in read_json(step.json_path) if step.only is None or r["check"].startswith(step.only)]
 
 
