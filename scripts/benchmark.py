@@ -12,10 +12,13 @@ scripts/gpu_check.sh runs the GPU settings of these (and the GPU-only tests) in 
 
 import importlib
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/ lives there
 
 SUITES = ("correctness", "processor", "vision", "llava", "train", "train_vit")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
         sys.exit(f"usage: python scripts/benchmark.py {{{','.join(SUITES)}}} [options]")
-    importlib.import_module(f"apt_hf.benchmarks.{sys.argv[1]}").main(sys.argv[2:])
+    importlib.import_module(f"experiments.benchmarks.{sys.argv[1]}").main(sys.argv[2:])

@@ -130,7 +130,7 @@ def save_tiny_checkpoints(root: Path) -> dict[str, Path]:
         AptViTForImageClassification,
         AptViTModel,
     )
-    from apt_hf.tiny import build_tiny_llava
+    from apt_hf.testing import build_tiny_llava
 
     torch.manual_seed(0)
     vision = {**TINY, "image_size": 64, "patch_size": 8}

@@ -27,7 +27,7 @@ from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionMode
 from apt_hf import AptCLIPVisionModel, AptImageProcessor, AptLlavaForConditionalGeneration, AptLlavaProcessor
 from apt_hf.patchify import default_thresholds
 from apt_hf.sample_images import load_photos
-from apt_hf.tiny import build_tiny_llava, tiny_vision_config
+from apt_hf.testing import build_tiny_llava, tiny_vision_config
 from apt_hf.visualization import processed_images, side_by_side, split_layout
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,9 @@
 # It runs under the machine's own python3 ($PYTHON to choose another). When that python's transformers is outside
 # the range pyproject.toml supports (a GPU image may ship an older one), the wheels in $GPU_CHECK_WHEELS (default
 # build/gpu_wheels: transformers at the supported floor, from --download-wheels) are installed into a temporary
-# folder put first on PYTHONPATH, offline (pip --no-index); apt_hf itself runs from src/. Other arguments go to
-# `python -m apt_hf.benchmarks.gpu_check` (--steps, --output_dir, --budget_s; see its --help).
+# folder put first on PYTHONPATH, offline (pip --no-index); apt_hf itself runs from src/, the runners from
+# experiments/. Other arguments go to `python -m experiments.benchmarks.gpu_check` (--steps, --output_dir,
+# --budget_s; see its --help).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
@@ -58,6 +59,6 @@ if ! supported; then
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     supported || { echo "gpu_check: still no supported transformers after installing $WHEELS" >&2; exit 1; }
 fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"  # apt_hf from src/, experiments/ from the root
 budget=$((LIMIT_S - (SECONDS - started) - 20))  # 20 s for starting python and writing the table
-exec "$PYTHON" -m apt_hf.benchmarks.gpu_check --budget_s "$budget" "$@"
+exec "$PYTHON" -m experiments.benchmarks.gpu_check --budget_s "$budget" "$@"

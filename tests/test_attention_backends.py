@@ -96,7 +96,7 @@ def test_dense_bfloat16_pixels_warn_that_the_layout_may_differ(caplog):
 def test_cuda_backends_equal_per_image_sdpa():
     """On the GPU: every backend this machine runs (flash-attention, varlen, flex, eager) gives each image what it
     gets alone on sdpa, in bfloat16 (the CUDA-only kernels' precision) and float32 where they run it."""
-    from apt_hf.benchmarks.correctness import vision_rows
+    from experiments.benchmarks.correctness import vision_rows
 
     rows = [r for r in vision_rows("cuda", 3) if not r["result"].startswith("not run")]
     assert len(rows) >= 4  # sdpa, eager, flex in two dtypes at least

@@ -15,15 +15,16 @@ import pytest
 import torch
 
 from apt_hf import AptLlavaForConditionalGeneration, AptLlavaProcessor
-from apt_hf.benchmarks import correctness, gpu_check
-from apt_hf.benchmarks import llava as llava_bench
-from apt_hf.benchmarks import train as train_bench
-from apt_hf.benchmarks import vision as vision_bench
-from apt_hf.benchmarks.llava import PROMPT, attention_lengths, prefill_flops, prefill_kwargs
-from apt_hf.benchmarks.results import markdown_table, read_json, row, write_json
+from apt_hf.flops import llava_prefill_flops
+from apt_hf.padding_free import register_packed_sdpa as register
 from apt_hf.sample_images import load_photos
-from apt_hf.tiny import build_tiny_llava, tiny_vision_config
-from apt_hf.training.packed_lm_attention import register
+from apt_hf.testing import build_tiny_llava, tiny_vision_config
+from experiments.benchmarks import correctness, gpu_check
+from experiments.benchmarks import llava as llava_bench
+from experiments.benchmarks import train as train_bench
+from experiments.benchmarks import vision as vision_bench
+from experiments.benchmarks.llava import PROMPT, attention_lengths, prefill_kwargs
+from experiments.benchmarks.results import markdown_table, read_json, row, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {"vision": vision_bench, "llava": llava_bench, "train": train_bench, "correctness": correctness}
@@ -49,8 +50,8 @@ def test_padding_free_prefill_gives_the_padded_last_logits_and_runs_no_padding()
     # the ideal speedup of going padding-free is the FLOP ratio of padded to real lengths
     tokens = batch["tokens_per_image"].tolist()
     visual = int((batch["input_ids"] == stock.config.image_token_id).sum())
-    assert prefill_flops(model, tokens, attention_lengths(padded), visual) > prefill_flops(model, tokens, lengths,
-                                                                                         visual)
+    padded_flops = llava_prefill_flops(model, tokens, attention_lengths(padded), visual)
+    assert padded_flops > llava_prefill_flops(model, tokens, lengths, visual)
 
 
 def test_7b_preset_is_made_on_the_target_device_with_llava_7b_shapes() -> None:

@@ -37,7 +37,7 @@ from apt_hf import (
 from apt_hf.hub import collect_upload_set, publish, upload, validate_repo_id
 from apt_hf.model_card import CardOptions, parse_lmms_eval_results
 from apt_hf.sample_images import load_photos
-from apt_hf.tiny import build_tiny_llava, save_tiny_llava, tiny_vision_config
+from apt_hf.testing import build_tiny_llava, save_tiny_llava, tiny_vision_config
 
 # The HTTP client huggingface_hub talks through: httpx up to 1.x, its API-compatible fork httpx2 from 2.0.
 httpx = getattr(hub_http, "httpx2", None) or hub_http.httpx

@@ -301,7 +301,7 @@ def apt_fields_of(processor) -> dict:
 def saved_processors(tmp_path_factory, photos):
     """An APT image processor and an AptLlavaProcessor (non-default APT fields) saved on the PIL backend."""
     from apt_hf.processing_apt_llava import AptLlavaProcessor
-    from apt_hf.tiny import build_tiny_llava
+    from apt_hf.testing import build_tiny_llava
 
     root = tmp_path_factory.mktemp("backends")
     image = AptImageProcessorPil(**APT_FIELDS, do_pad=True, **SMALL)
@@ -441,7 +441,7 @@ def test_from_image_processor_torchvision_backend(photos):
 
 def test_from_llava_processor_picks_the_backend():
     from apt_hf.processing_apt_llava import AptLlavaProcessor
-    from apt_hf.tiny import build_tiny_llava
+    from apt_hf.testing import build_tiny_llava
 
     _, stock = build_tiny_llava()  # its image processor is CLIPImageProcessorPil
     default = AptLlavaProcessor.from_llava_processor(stock, **APT_FIELDS)
@@ -461,7 +461,7 @@ def test_from_llava_processor_picks_the_backend():
 @torchvision_only
 def test_from_llava_processor_torchvision_backend(photos):
     from apt_hf.processing_apt_llava import AptLlavaProcessor
-    from apt_hf.tiny import build_tiny_llava
+    from apt_hf.testing import build_tiny_llava
 
     _, stock = build_tiny_llava()
     apt = AptLlavaProcessor.from_llava_processor(stock, backend="torchvision", **APT_FIELDS)

@@ -11,7 +11,7 @@ import torch
 from apt_hf import AptLlavaConfig, AptLlavaForConditionalGeneration, AptLlavaProcessor
 from apt_hf.patchify import PatchLayout
 from apt_hf.sample_images import load_photos, photo_folder
-from apt_hf.tiny import build_tiny_llava, tiny_vision_config
+from apt_hf.testing import build_tiny_llava, tiny_vision_config
 
 PROMPT = "USER: <image>\nWhat is shown? ASSISTANT:"
 TWO_IMAGES = "USER: <image>\nand <image>\nWhat differs? ASSISTANT:"

@@ -3,7 +3,7 @@
 import pytest
 
 from apt_hf.loading import check_model_and_processor, load_apt_llava
-from apt_hf.tiny import save_tiny_llava
+from apt_hf.testing import save_tiny_llava
 
 
 @pytest.fixture(scope="module")

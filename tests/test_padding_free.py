@@ -7,9 +7,9 @@ import torch
 
 from apt_hf import AptLlavaForConditionalGeneration, AptLlavaProcessor
 from apt_hf.padding_free import flatten_padded_batch, unflatten
+from apt_hf.padding_free import register_packed_sdpa as register
 from apt_hf.sample_images import load_photos
-from apt_hf.tiny import build_tiny_llava, tiny_vision_config
-from apt_hf.training.packed_lm_attention import register
+from apt_hf.testing import build_tiny_llava, tiny_vision_config
 
 PROMPTS = ["USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\nDescribe the picture in a few words. ASSISTANT:",
            "USER: Hello there ASSISTANT:"]
@@ -51,7 +51,7 @@ def test_packed_sdpa_mask_skips_only_plain_causal_rows() -> None:
     """No dense (L, L) mask for one causal row without padding or cache; sdpa's mask for everything else."""
     from transformers.masking_utils import sdpa_mask
 
-    from apt_hf.training.packed_lm_attention import packed_sdpa_mask
+    from apt_hf.padding_free import packed_sdpa_mask
 
     assert packed_sdpa_mask(batch_size=1, q_length=6, kv_length=6) is None
     padding = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
@@ -66,11 +66,11 @@ def test_packed_sdpa_mask_skips_only_plain_causal_rows() -> None:
 
 def test_sample_bounds_are_read_once_per_forward(monkeypatch) -> None:
     """apt_sdpa_packed reads the samples' bounds from the device once per forward, not once per decoder layer."""
-    from apt_hf.training import packed_lm_attention
+    from apt_hf import padding_free
 
     reads = []
-    original = packed_lm_attention._read_bounds
-    monkeypatch.setattr(packed_lm_attention, "_read_bounds", lambda ids: reads.append(1) or original(ids))
+    original = padding_free._read_bounds
+    monkeypatch.setattr(padding_free, "_read_bounds", lambda ids: reads.append(1) or original(ids))
     stock, stock_processor = build_tiny_llava(vision=tiny_vision_config(image_size=56))
     model = AptLlavaForConditionalGeneration.from_llava(stock, thresholds=[5.75]).eval()
     model.set_attn_implementation({"text_config": register()})

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apt_hf.tiny import save_tiny_llava, tiny_vision_config
+from apt_hf.testing import save_tiny_llava, tiny_vision_config
 from apt_hf.training import make_tiny_dataset
 from apt_hf.training.checkpoints import last_complete_checkpoint, missing_parts
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from apt_hf.reproduce_mini import (
+from experiments.reproduce_mini import (
     ROW_NAMES,
     VARIANTS,
     MiniSettings,

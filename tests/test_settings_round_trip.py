@@ -16,7 +16,7 @@ import pytest
 from transformers import CLIPVisionConfig, LlavaConfig
 
 from apt_hf import AptCLIPVisionConfig, AptLlavaConfig, AptViTConfig
-from apt_hf.tiny import save_tiny_llava
+from apt_hf.testing import save_tiny_llava
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "image_size": 64, "patch_size": 8}

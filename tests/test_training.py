@@ -19,7 +19,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
 from apt_hf import AptLlavaForConditionalGeneration, AptLlavaProcessor
-from apt_hf.tiny import LLAVA_15_CHAT_TEMPLATE, build_tiny_llava, save_tiny_llava, tiny_vision_config
+from apt_hf.processing_apt_llava import LLAVA_15_CHAT_TEMPLATE
+from apt_hf.testing import build_tiny_llava, save_tiny_llava, tiny_vision_config
 from apt_hf.training.arguments import parse_args
 from apt_hf.training.collator import IGNORE_INDEX, AptLlavaDataCollator
 from apt_hf.training.data import load_training_dataset, make_tiny_dataset
@@ -531,7 +532,7 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tmp_path: Path,
     `apt_sdpa_packed` (what training uses on sdpa) runs sdpa per sample on the flattened row and plain masked sdpa
     on the padded batch.
     """
-    from apt_hf.training.packed_lm_attention import register
+    from apt_hf.padding_free import register_packed_sdpa as register
 
     stock, stock_processor = build_tiny_llava(vision=tiny_vision_config(image_size=56))
     model = AptLlavaForConditionalGeneration.from_llava(stock, thresholds=[5.75]).train()

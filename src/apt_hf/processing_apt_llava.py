@@ -14,6 +14,27 @@ from transformers.models.llava.processing_llava import LlavaProcessor
 from .configuration_apt import VISION_FEATURE_LAYOUTS, validate_vision_feature_layout
 from .image_processing_apt import apt_image_processor_class, stock_backend, validate_backend
 
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ..."); assistant text is marked with
+# {% generation %} so `return_assistant_tokens_mask` finds the tokens to train on.
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + ' ' }}{% endif %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+    "{% endfor %}{{ eos_token }}{% endgeneration %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
 
 class AptLlavaProcessor(LlavaProcessor):
     """LLaVA-1.5's processor (tokenizer, chat template, image-token expansion) with APT image packing."""
@@ -125,4 +146,4 @@ class AptLlavaProcessor(LlavaProcessor):
 
 AptLlavaProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["AptLlavaProcessor", "VISION_FEATURE_LAYOUTS"]
+__all__ = ["AptLlavaProcessor", "LLAVA_15_CHAT_TEMPLATE", "VISION_FEATURE_LAYOUTS"]

@@ -53,7 +53,7 @@ def _generator() -> Any:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder lmms-eval runs in: the task's parquet (read from the cwd) and a tiny stock LLaVA."""
-    from apt_hf.tiny import save_tiny_llava, tiny_vision_config
+    from apt_hf.testing import save_tiny_llava, tiny_vision_config
 
     root = tmp_path_factory.mktemp("lmms_eval")
     _generator().write_pope_parquet(root / f"{TASK}.parquet", num_samples=NUM_SAMPLES)
@@ -437,7 +437,7 @@ def test_unknown_model_args_are_refused(stock: str) -> None:
 def test_a_checkpoint_that_is_not_llava_is_refused(tmp_path: Path, stock: str) -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from apt_hf.tiny import tiny_vision_config
+    from apt_hf.testing import tiny_vision_config
 
     CLIPVisionModel(tiny_vision_config()).save_pretrained(tmp_path / "clip")
     assert isinstance(CLIPVisionConfig.from_pretrained(tmp_path / "clip"), CLIPVisionConfig)

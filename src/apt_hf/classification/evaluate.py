@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from ..dtypes import TORCH_DTYPES
+from ..flops import vision_flops
+from ..patchify import PatchLayout
 from .collator import AptImageClassificationCollator
 from .data import load_classification_data
 from .model import load_classifier, load_image_processor, read_config
@@ -151,9 +153,6 @@ def evaluate(model: torch.nn.Module, processor: Any, data: Any, settings: list[l
     loader = DataLoader(data.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate, persistent_workers=False)
     k = min(TOP_K, int(model.config.num_labels))
-    from ..benchmarks.vision import forward_flops
-    from ..patchify import PatchLayout
-
     stats = [{"top1": 0, "top5": 0, "images": 0, "seconds": 0.0, "tokens": 0, "cells": 0, "flops": 0.0}
              for _ in settings]
     broken = 0
@@ -181,7 +180,7 @@ def evaluate(model: torch.nn.Module, processor: Any, data: Any, settings: list[l
                 stat["images"] += len(labels)
                 stat["tokens"] += int(x["tokens_per_image"].sum())
                 stat["cells"] += int(x["image_grid_hw"].prod(-1).sum())
-                stat["flops"] += float(forward_flops(model.config, PatchLayout.from_inputs(x), apt=True))
+                stat["flops"] += float(vision_flops(model.config, PatchLayout.from_inputs(x), apt=True))
     rows = []
     for setting, stat in zip(settings, stats, strict=True):
         n = max(stat["images"], 1)

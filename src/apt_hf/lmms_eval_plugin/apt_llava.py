@@ -49,10 +49,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeatur
 
 from ..configuration_apt import validate_vision_feature_layout
 from ..loading import STOCK_MODEL_TYPE, checkpoint_model_type, load_apt_llava
-from ..padding_free import flatten_padded_batch
+from ..padding_free import flatten_padded_batch, register_packed_sdpa
 from ..patchify import PatchLayout, select_images
-from ..tiny import LLAVA_15_CHAT_TEMPLATE
-from ..training.packed_lm_attention import register as register_sdpa_packed
+from ..processing_apt_llava import LLAVA_15_CHAT_TEMPLATE
 
 IMAGE_TOKEN = "<image>"
 IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -420,7 +419,7 @@ class AptLlava(lmms):
         squared). flash-attention already runs its varlen kernel there; eager and others stay as they are."""
         text_config = self._model.config.get_text_config()
         if getattr(text_config, "_attn_implementation", None) == "sdpa":
-            self._model.set_attn_implementation({"text_config": register_sdpa_packed()})
+            self._model.set_attn_implementation({"text_config": register_packed_sdpa()})
         return str(getattr(text_config, "_attn_implementation", None))
 
     def _chat_template(self, override: str | None) -> str:

@@ -18,6 +18,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..configuration_apt import APT_FIELDS
 from ..loading import STOCK_MODEL_TYPE, checkpoint_model_type
+from ..padding_free import register_packed_sdpa
 from .adapter import finish_adapter
 from .arguments import AptArguments, DataArguments, ModelArguments, parse_args
 from .checkpoints import check_output_dir, last_complete_checkpoint, missing_parts, remove_old_checkpoints
@@ -31,7 +32,6 @@ from .model import (
     setup_trainable,
     sharding_backend,
 )
-from .packed_lm_attention import register as register_packed_sdpa
 from .report import run_summary, save_loss_curve
 
 logger = logging.getLogger("apt_hf.training")
@@ -100,7 +100,7 @@ class AptLlavaTrainer(Trainer):
 
 def prepare_tiny_demo(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
     """Build the tiny stock LLaVA and generated data the CPU recipe points at, once, on the main process."""
-    from ..tiny import save_tiny_llava, tiny_vision_config
+    from ..testing import save_tiny_llava, tiny_vision_config
 
     with training_args.main_process_first(desc="tiny demo checkpoint and data"):
         model_dir = Path(model_args.model_name_or_path)

@@ -29,9 +29,11 @@ from typing import Any
 import torch
 import transformers
 
-from ..dtypes import TORCH_DTYPES
-from ..patchify import PatchLayout, unpack_base_patches
-from ..sample_images import PHOTOS, load_photos
+from apt_hf.dtypes import TORCH_DTYPES
+from apt_hf.flops import vision_flops
+from apt_hf.patchify import PatchLayout, unpack_base_patches
+from apt_hf.sample_images import PHOTOS, load_photos
+
 from .results import row, write_json
 from .timing import machine, peak_memory, timed
 
@@ -77,7 +79,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
     """(stock, APT) sharing the same weights, and the stock config."""
-    from ..modeling_apt import AptCLIPVisionModel, AptViTModel
+    from apt_hf.modeling_apt import AptCLIPVisionModel, AptViTModel
 
     fields = {"num_scales": args.num_scales, "thresholds": args.thresholds, "scorer": args.scorer}
     if args.family == "vit":
@@ -109,7 +111,7 @@ def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Mo
 
 
 def packed_inputs(args: argparse.Namespace, thresholds: list[float], image_size: int, patch: int) -> dict[str, Any]:
-    from ..image_processing_apt import AptImageProcessorPil
+    from apt_hf.image_processing_apt import AptImageProcessorPil
 
     photos = list(load_photos(PHOTOS).values())
     photos = (photos * (args.batch // len(photos) + 1))[: args.batch]
@@ -119,24 +121,6 @@ def packed_inputs(args: argparse.Namespace, thresholds: list[float], image_size:
         thresholds=thresholds, scorer=args.scorer,
     )
     return dict(processor(photos, return_tensors="pt"))
-
-
-def forward_flops(config: Any, layout: PatchLayout, apt: bool) -> float:
-    """Multiply-accumulates of a forward pass (embedding + encoder), from token counts."""
-    d, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    p, channels = int(config.patch_size), config.num_channels
-    n = (layout.tokens_per_image + 1).double()
-    per_layer = (4 * d * d + 2 * d * mlp) * n + 2 * d * n * n  # QKVO + MLP, QK^T + AV
-    cells = layout.image_grid_hw.prod(-1).double().sum()
-    flops = layers * per_layer.sum() + cells * channels * p * p * d  # E on every base patch
-    if apt:
-        scales = layout.patch_scales
-        merged = (scales > 0).sum().double()
-        # E on the resized block, zero-MLP, and the 2x2 conv applied to each level of the token's quadtree.
-        conv_cells = sum(((scales == s).sum().double() * sum(4 ** (s - k) for k in range(1, s + 1)))
-                         for s in range(1, int(scales.max()) + 1)) if merged else 0.0
-        flops = flops + merged * (channels * p * p * d + d * d) + conv_cells * d * d
-    return float(flops)
 
 
 def available_attn_implementations(model: torch.nn.Module, candidates: Sequence[str] = ATTN_CANDIDATES
@@ -211,9 +195,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ms = {name: 1e3 * min(t) for name, t in times.items()}
     backends = [b for b in backends if b not in missing]
 
-    stock_flops = forward_flops(config, PatchLayout.from_inputs(uniform), apt=False)
-    merged_flops = forward_flops(config, PatchLayout.from_inputs(merged), apt=True)
-    uniform_flops = forward_flops(config, PatchLayout.from_inputs(uniform), apt=True)
+    stock_flops = vision_flops(config, PatchLayout.from_inputs(uniform), apt=False)
+    merged_flops = vision_flops(config, PatchLayout.from_inputs(merged), apt=True)
+    uniform_flops = vision_flops(config, PatchLayout.from_inputs(uniform), apt=True)
     cells = int(PatchLayout.from_inputs(uniform).image_grid_hw.prod(-1).sum())
     kept = int(merged["tokens_per_image"].sum())
 

@@ -1,6 +1,6 @@
 """The GPU checks in one run, one markdown table: what `scripts/gpu_check.sh` runs (see it for the environment).
 
-    python -m apt_hf.benchmarks.gpu_check [--dry-run] [--output_dir DIR] [--budget_s 450] [--steps a,b,...]
+    python -m experiments.benchmarks.gpu_check [--dry-run] [--output_dir DIR] [--budget_s 450] [--steps a,b,...]
 
 Steps, each in its own process with its own time limit, all inside one overall budget (a step that would start
 with too little of it left is reported as skipped, so the whole run ends in time):
@@ -107,7 +107,7 @@ def plan(dry_run: bool, work: Path, tests_dir: Path, backends: Sequence[str], py
 
     def bench(name: str, suite: str, extra: list[str], title: str, only: str | None = None) -> Step:
         out = work / f"{name}.json"
-        return Step(name, title, [python, "-m", f"apt_hf.benchmarks.{suite}", *extra, *shapes["device"],
+        return Step(name, title, [python, "-m", f"experiments.benchmarks.{suite}", *extra, *shapes["device"],
                                   "--json", str(out)], slack * TIMEOUTS.get(name, TIMEOUTS.get(suite, 60)),
                     json_path=out, only=only)
 
@@ -129,7 +129,8 @@ def vision_backends(device: str) -> tuple[list[str], dict[str, str]]:
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from ..modeling_apt import AptCLIPVisionModel
+    from apt_hf.modeling_apt import AptCLIPVisionModel
+
     from .vision import available_attn_implementations
 
     stock = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -25,8 +25,9 @@ import torch
 import transformers
 from PIL import Image
 
-from ..patchify import compute_layout, pack_base_patches, recover_uint8
-from ..sample_images import PHOTOS, load_photos
+from apt_hf.patchify import compute_layout, pack_base_patches, recover_uint8
+from apt_hf.sample_images import PHOTOS, load_photos
+
 from .timing import timed
 
 
@@ -65,7 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def build_processors(args: argparse.Namespace) -> tuple[Any, Any, str, Any]:
     """(APT, stock, stock name, APT's own base class without APT), all on the requested backend, same kwargs."""
-    from ..image_processing_apt import AptImageProcessorPil
+    from apt_hf.image_processing_apt import AptImageProcessorPil
 
     common = {"size": {"shortest_edge": args.size}, "crop_size": {"height": args.crop_size, "width": args.crop_size}}
     apt_fields = {"patch_size": args.patch_size, "num_scales": args.num_scales, "thresholds": args.thresholds,
@@ -80,7 +81,7 @@ def build_processors(args: argparse.Namespace) -> tuple[Any, Any, str, Any]:
             raise SystemExit("--backend torchvision: torchvision is not installed; use --backend pil")
         from transformers import CLIPImageProcessor, LlavaImageProcessor
 
-        from ..image_processing_apt import AptImageProcessor
+        from apt_hf.image_processing_apt import AptImageProcessor
 
         apt_cls, base_cls = AptImageProcessor, LlavaImageProcessor
         stock_cls = LlavaImageProcessor if args.do_pad else CLIPImageProcessor

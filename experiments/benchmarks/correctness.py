@@ -27,17 +27,17 @@ from typing import Any
 import torch
 from transformers.utils import is_torchvision_available
 
-from ..image_processing_apt import AptImageProcessorPil
-from ..modeling_apt import AptCLIPVisionModel, split_per_image
-from ..modeling_apt_llava import AptLlavaForConditionalGeneration
-from ..padding_free import flatten_padded_batch, unflatten
-from ..patchify import SCORERS, PatchLayout, compute_layout, default_thresholds, unpack_base_patches
-from ..processing_apt_llava import AptLlavaProcessor
-from ..sample_images import load_photos
-from ..training.arguments import ModelArguments
-from ..training.collator import AptLlavaDataCollator
-from ..training.model import setup_trainable
-from ..training.packed_lm_attention import register as register_packed_sdpa
+from apt_hf.image_processing_apt import AptImageProcessorPil
+from apt_hf.modeling_apt import AptCLIPVisionModel, split_per_image
+from apt_hf.modeling_apt_llava import AptLlavaForConditionalGeneration
+from apt_hf.padding_free import flatten_padded_batch, register_packed_sdpa, unflatten
+from apt_hf.patchify import SCORERS, PatchLayout, compute_layout, default_thresholds, unpack_base_patches
+from apt_hf.processing_apt_llava import AptLlavaProcessor
+from apt_hf.sample_images import load_photos
+from apt_hf.training.arguments import ModelArguments
+from apt_hf.training.collator import AptLlavaDataCollator
+from apt_hf.training.model import setup_trainable
+
 from .llava import PRESETS, PROMPT, build_stock_llava
 from .results import row, write_json
 from .vision import ATTN_CANDIDATES, SIZES, available_attn_implementations
@@ -153,7 +153,7 @@ def layout_rows(device: str, images: int) -> list[dict[str, Any]]:
     rows.append(row(LAYOUTS.format(device=device), "dense pixel_values inside forward",
                     "ok: identical" if same else "MISMATCH"))
     if is_torchvision_available():  # the torchvision backend preprocesses on the device itself (device=)
-        from ..image_processing_apt import AptImageProcessor
+        from apt_hf.image_processing_apt import AptImageProcessor
 
         processor = AptImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                       patch_size=14, thresholds=[5.5])

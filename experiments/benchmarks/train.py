@@ -24,15 +24,17 @@ from typing import Any
 import torch
 import transformers
 
-from ..modeling_apt_llava import MODEL_PARTS, AptLlavaForConditionalGeneration
-from ..patchify import PatchLayout
-from ..processing_apt_llava import AptLlavaProcessor
-from ..sample_images import load_photos
-from ..training.arguments import ModelArguments
-from ..training.collator import AptLlavaDataCollator
-from ..training.model import setup_trainable
-from ..training.packed_lm_attention import register as register_packed_sdpa
-from .llava import PRESETS, attention_lengths, build_stock_llava, prefill_flops
+from apt_hf.flops import llava_prefill_flops
+from apt_hf.modeling_apt_llava import MODEL_PARTS, AptLlavaForConditionalGeneration
+from apt_hf.padding_free import register_packed_sdpa
+from apt_hf.patchify import PatchLayout
+from apt_hf.processing_apt_llava import AptLlavaProcessor
+from apt_hf.sample_images import load_photos
+from apt_hf.training.arguments import ModelArguments
+from apt_hf.training.collator import AptLlavaDataCollator
+from apt_hf.training.model import setup_trainable
+
+from .llava import PRESETS, attention_lengths, build_stock_llava
 from .results import row, write_json
 from .timing import machine, peak_memory, timed
 
@@ -164,8 +166,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             name = f"{thresholds} {'padding-free' if padding_free else 'padded'}"
             runs[name] = TrainStep(model, batch, args.optimizer, args.device, args.dtype)
             visual = int((batch["input_ids"] == stock.config.image_token_id).sum())
-            stats[name] = (visual / len(rows), batch["input_ids"].numel() / len(rows),
-                           prefill_flops(model, batch["tokens_per_image"].tolist(), attention_lengths(batch), visual))
+            flops = llava_prefill_flops(model, batch["tokens_per_image"].tolist(), attention_lengths(batch), visual)
+            stats[name] = (visual / len(rows), batch["input_ids"].numel() / len(rows), flops)
     times: dict[str, list[float]] = {name: [] for name in runs}
     memory = {}
     for name, step in runs.items():  # warm-up, then peak memory (None off CUDA)

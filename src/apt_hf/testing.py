@@ -1,4 +1,4 @@
-"""Tiny stock LLaVA-1.5-shaped checkpoints built offline, for the demo, the CPU recipe and the tests.
+"""Tiny stock LLaVA-1.5-shaped checkpoints built offline: for tests (apt_hf's and yours), the demo and the CPU recipe.
 
 Everything here is made locally (configs, random weights, a byte-level BPE tokenizer trained on a few
 sentences, LLaVA-1.5's conversation format as a chat template), so nothing is downloaded.
@@ -19,28 +19,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-IMAGE_TOKEN = "<image>"
+from .processing_apt_llava import LLAVA_15_CHAT_TEMPLATE
 
-# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ..."); assistant text is marked with
-# {% generation %} so `return_assistant_tokens_mask` finds the tokens to train on.
-LLAVA_15_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% if message['content'] is string %}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + ' ' }}{% endif %}"
-    "{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% if message['role'] == 'assistant' %}{% generation %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
-    "{% endfor %}{{ eos_token }}{% endgeneration %}"
-    "{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
-    "{% endfor %}{% endif %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+IMAGE_TOKEN = "<image>"
 
 _CORPUS = [
     "USER: What is shown in the image? ASSISTANT: A cat sitting on a red sofa next to a window.",

@@ -42,12 +42,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification, get_cosine_schedule_with_warmup
 
+from apt_hf.flops import vision_flops
+from apt_hf.image_processing_apt import AptImageProcessorPil
+from apt_hf.modeling_apt import AptPatchEmbeddings, AptViTForImageClassification
+from apt_hf.patchify import PatchLayout, select_images, uniform_layout, unpack_base_patches
+from apt_hf.sample_images import load_photos
+
 from .benchmarks.timing import timed
-from .benchmarks.vision import forward_flops
-from .image_processing_apt import AptImageProcessorPil
-from .modeling_apt import AptPatchEmbeddings, AptViTForImageClassification
-from .patchify import PatchLayout, select_images, uniform_layout, unpack_base_patches
-from .sample_images import load_photos
 
 # Photographs (and a few photographed textures and scans) in scikit-image's data folder; the synthetic images
 # (chessboard, colour wheel, logo, phantom, ...) and motorcycle_right (a near copy of motorcycle_left) are left out.
@@ -396,7 +397,7 @@ def ideal_speedup(config: ViTConfig, data: EncodedSet, index: torch.Tensor) -> f
     _, layout = select_images(data.pixel_values, data.layout, index)
     rows, cols = (int(v) for v in layout.image_grid_hw[0])
     uniform = uniform_layout(len(index), rows, cols)
-    return forward_flops(config, uniform, apt=False) / forward_flops(config, layout, apt=True)
+    return vision_flops(config, uniform, apt=False) / vision_flops(config, layout, apt=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,12 +28,13 @@ from typing import Any
 import torch
 import transformers
 
-from ..modeling_apt_llava import AptLlavaForConditionalGeneration
-from ..padding_free import flatten_padded_batch
-from ..processing_apt_llava import AptLlavaProcessor
-from ..sample_images import load_photos
-from ..tiny import build_tiny_llava, tiny_vision_config
-from ..training.packed_lm_attention import register as register_packed_sdpa
+from apt_hf.flops import llava_prefill_flops
+from apt_hf.modeling_apt_llava import AptLlavaForConditionalGeneration
+from apt_hf.padding_free import flatten_padded_batch, register_packed_sdpa
+from apt_hf.processing_apt_llava import AptLlavaProcessor
+from apt_hf.sample_images import load_photos
+from apt_hf.testing import build_tiny_llava, tiny_vision_config
+
 from .results import row, write_json
 from .timing import machine, peak_memory, timed
 
@@ -81,21 +82,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      f"runs the same photos), got {bad}")
     args.dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     return args
-
-
-def layer_flops(tokens: Sequence[int], hidden: int, intermediate: int, mlp_matrices: int) -> float:
-    """Multiply-adds x2 of one transformer layer over sequences of the given lengths."""
-    linear = 2 * sum(tokens) * (4 * hidden * hidden + mlp_matrices * hidden * intermediate)
-    return linear + 4 * hidden * sum(t * t for t in tokens)
-
-
-def prefill_flops(model: Any, vision_tokens: Sequence[int], text_lengths: Sequence[int], lm_tokens: int) -> float:
-    """Tower (CLS included) + projector + language model prefill, from actual token counts."""
-    vc, tc = model.config.vision_config, model.config.text_config
-    tower = vc.num_hidden_layers * layer_flops([t + 1 for t in vision_tokens], vc.hidden_size, vc.intermediate_size, 2)
-    projector = 2 * lm_tokens * (vc.hidden_size * tc.hidden_size + tc.hidden_size ** 2)
-    text = tc.num_hidden_layers * layer_flops(text_lengths, tc.hidden_size, tc.intermediate_size, 3)
-    return tower + projector + text
 
 
 def build_stock_llava(preset: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
@@ -204,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         tower_tokens = ([int(t) for b in batches for t in b["tokens_per_image"]] if "tokens_per_image" in batches[0]
                         else [(336 // 14) ** 2] * args.num_images)
         stats[(size, name)] = (lm_visual / args.num_images, sum(lengths) / args.num_images,
-                               prefill_flops(models[name][0], tower_tokens, lengths, lm_visual))
+                               llava_prefill_flops(models[name][0], tower_tokens, lengths, lm_visual))
 
     cuda = args.device.startswith("cuda")
     dtype = str(args.dtype).split(".")[-1]

@@ -25,11 +25,13 @@ from typing import Any
 import torch
 import transformers
 
-from ..dtypes import TORCH_DTYPES
-from ..patchify import PatchLayout, unpack_base_patches
-from ..sample_images import PHOTOS, load_photos
+from apt_hf.dtypes import TORCH_DTYPES
+from apt_hf.flops import vision_flops
+from apt_hf.patchify import PatchLayout, unpack_base_patches
+from apt_hf.sample_images import PHOTOS, load_photos
+
 from .timing import machine, timed
-from .vision import SIZES, forward_flops
+from .vision import SIZES
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -59,8 +61,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def batches(args: argparse.Namespace, num_scales: int) -> dict[str, dict[str, torch.Tensor]]:
     """{"[-1]": packed batch with nothing merged, "<thresholds>": packed batch} from the training collator."""
-    from ..classification.collator import AptImageClassificationCollator
-    from ..image_processing_apt import AptImageProcessorPil
+    from apt_hf.classification.collator import AptImageClassificationCollator
+    from apt_hf.image_processing_apt import AptImageProcessorPil
 
     photos = list(load_photos(PHOTOS).values())
     rows = [{"image": photos[i % len(photos)], "label": i % len(photos)} for i in range(args.batch)]
@@ -89,7 +91,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
 def main(argv: Sequence[str] | None = None) -> None:
     from transformers import ViTConfig, ViTForImageClassification
 
-    from ..modeling_apt import AptViTForImageClassification
+    from apt_hf.modeling_apt import AptViTForImageClassification
 
     args = parse_args(argv)
     if args.threads:
@@ -132,9 +134,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             times[name].append(timed(lambda m=model, o=optimizers[name], b=batch: train_step(m, o, b, device, dtype),
                                      device, args.clock))
 
-    stock_flops = forward_flops(config, PatchLayout.from_inputs(uniform), apt=False)
-    flops = {"uniform": forward_flops(config, PatchLayout.from_inputs(uniform), apt=True),
-             "merged": forward_flops(config, PatchLayout.from_inputs(merged), apt=True)}
+    stock_flops = vision_flops(config, PatchLayout.from_inputs(uniform), apt=False)
+    flops = {"uniform": vision_flops(config, PatchLayout.from_inputs(uniform), apt=True),
+             "merged": vision_flops(config, PatchLayout.from_inputs(merged), apt=True)}
     cells = float(uniform["image_grid_hw"].prod(-1).double().mean())
     kept = float(merged["tokens_per_image"].double().mean())
     where = machine(device)
