@@ -22,12 +22,12 @@ from PIL import Image
 
 from apt_hf.image_processing_apt import AptImageProcessor
 from apt_hf.patchify import SCORERS, default_thresholds
+from apt_hf.plots import INSTALL_HINT, matplotlib_available, save_line_chart
 from apt_hf.visualization import (
     add_header,
     draw_layout,
     entropy_heatmap,
     legend_entries,
-    line_chart,
     processed_images,
     side_by_side,
     split_layout,
@@ -141,17 +141,17 @@ def sweep(args: argparse.Namespace, images: list[Image.Image], output: Path) -> 
     """Tokens kept (% of the uniform grid) against the threshold, for the given images together."""
     if args.num_scales < 2:
         raise SystemExit("--sweep: needs --num_scales >= 2 (one scale merges nothing)")
+    if not matplotlib_available():
+        raise SystemExit(f"--sweep draws a chart with matplotlib: {INSTALL_HINT}")
     step = max(abs(args.thresholds[0]), 1.0) / 10
     offsets = [step * k - args.thresholds[0] for k in range(0, 21)]  # first threshold from 0 to 2x its value
     points = threshold_sweep(images, args.patch_size, args.num_scales, args.thresholds, offsets, args.scorer,
                              args.entropy_bins)
-    chart = line_chart({f"{len(images)} image(s)": points},
-                       f"APT {args.scorer} S={args.num_scales}: tokens kept vs threshold", "threshold (scale 1)",
-                       "% kept")
-    chart.save(output, format="PNG")
+    save_line_chart(output, {f"{len(images)} image(s)": points},
+                    f"APT {args.scorer} S={args.num_scales}: tokens kept vs threshold", "threshold (scale 1)", "% kept")
     for threshold, kept in points:
         print(f"threshold {threshold:.4g}: {kept:.1f}% of tokens kept")
-    print(f"wrote {output} ({chart.width}x{chart.height})")
+    print(f"wrote {output}")
     return 0
 
 

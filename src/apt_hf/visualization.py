@@ -248,7 +248,7 @@ def entropy_heatmap(image: Image.Image, patch_size: int, bins: int = 512, alpha:
 
     A title band gives the patch size and the range, and a colour bar maps colours to bits.
     """
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)[None]
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None]
     scores = entropy_scores(pixels, patch_size, [0], bins)[0][0].numpy()  # (rows, cols)
     low, high = float(scores.min()), float(scores.max())
     span = high - low if high > low else 1.0
@@ -271,8 +271,7 @@ def threshold_sweep(images: Sequence[Image.Image], patch_size: int, num_scales: 
 
     The images must already be as the model sees them (same size); for S=2 this sweeps the threshold itself.
     """
-    pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
-                          for im in images])
+    pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
     rows, cols = pixels.shape[-2] // patch_size, pixels.shape[-1] // patch_size
     points = []
     for offset in offsets:
