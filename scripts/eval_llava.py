@@ -28,14 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from apt_hf.lmms_eval_plugin.results import (
-    TABLE3_TASKS,
-    comparison_table,
-    default_labels,
-    find_results_files,
-    load_run,
-    speedup_refusals,
-)
+from apt_hf.lmms_eval_plugin.comparison import TABLE3_TASKS, comparison_table, default_labels, speedup_refusals
+from apt_hf.lmms_eval_plugin.results import find_results_files, load_run
 
 LABELS = ("stock", "apt")
 

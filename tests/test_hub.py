@@ -616,8 +616,9 @@ def test_cli_reports_bad_input_without_traceback(llava, tmp_path, capsys):
 
 
 def test_comparison_tables_read_results_with_the_card_parser(tmp_path):
-    """`lmms_eval_plugin.results` (comparison tables) reads lmms-eval's JSON through the card's one parser."""
-    from apt_hf.lmms_eval_plugin.results import compare_dirs, load_run
+    """`lmms_eval_plugin.comparison` (comparison tables) reads lmms-eval's JSON through the card's one parser."""
+    from apt_hf.lmms_eval_plugin.comparison import compare_dirs
+    from apt_hf.lmms_eval_plugin.results import load_run
 
     for name, speedup in (("stock", 1.0), ("apt", 1.5)):
         data = json.loads(json.dumps(LMMS_RESULTS))

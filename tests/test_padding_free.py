@@ -83,3 +83,15 @@ def test_sample_bounds_are_read_once_per_forward(monkeypatch) -> None:
         assert len(reads) == 1
         model(**flatten_padded_batch(dict(inputs)))  # new position_ids: read again, once
         assert len(reads) == 2
+
+
+def test_sample_bounds_of_inference_tensors() -> None:
+    """position_ids made under torch.inference_mode (generate) have no version counter: their bounds are read
+    afresh, and stay right."""
+    from apt_hf import padding_free
+
+    with torch.inference_mode():
+        ids = torch.tensor([[0, 1, 2, 0, 1]])
+        assert padding_free._sample_bounds(ids, 5) == [0, 3, 5]
+        ids[0, 3] = 3  # one sample now: nothing stale is returned
+        assert padding_free._sample_bounds(ids, 5) is None

@@ -3,14 +3,14 @@
 
 Metadata (library, pipeline tag, base model, data sets, license, tags, model-index) lives in `ModelCardData`, so
 the Hub, `ModelCard.load` and leaderboards read it; the templates only hold the prose, the usage snippet and
-the tables. Evaluation results come from lmms-eval's results JSON, checked against its schema (see
-`parse_lmms_eval_results`) because a hand-written or truncated file would publish numbers nobody can trace.
+the tables. Evaluation results come from lmms-eval's results JSON, checked against its schema by the plugin's one
+parser (`apt_hf.lmms_eval_plugin.results.parse_lmms_eval_results`, re-exported here) because a hand-written or
+truncated file would publish numbers nobody can trace; the throughput columns are the metrics the plugin names in
+`apt_hf.lmms_eval_plugin.metrics`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -18,6 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .lmms_eval_plugin.metrics import (
+    ALL_TASKS,
+    CARD_COLUMNS,
+    KEPT_TOKEN_RATIO,
+    VISUAL_TOKENS_PER_IMAGE,
+    logged_name,
+    logged_tasks,
+)
+from .lmms_eval_plugin.results import LmmsEvalRun, LmmsEvalScore, parse_lmms_eval_results
 
 PAPER_TITLE = "Accelerating Vision Transformers with Adaptive Patch Sizes"
 PAPER_AUTHORS = "Rohan Choudhury, JungEun Kim, Jinhyung Park, Eunho Yang, László A. Jeni, Kris M. Kitani"
@@ -32,18 +42,6 @@ CITATION = """@inproceedings{choudhury2026apt,
   archivePrefix = {arXiv}
 }"""
 LMMS_EVAL_URL = "https://github.com/EvolvingLMMs-Lab/lmms-eval"
-# lmms-eval's aggregated results file (evaluator.evaluate + simple_evaluate): these keys are always written.
-LMMS_EVAL_REQUIRED_KEYS = ("results", "configs", "versions", "config")
-
-# What lmms-eval's `apt_llava` model logs (lmms-eval averages each under "throughput" as "avg_<key>", per task as
-# "avg_<task>/<key>"), with the card's column names.
-THROUGHPUT_COLUMNS = (
-    ("images_per_second", "images/s"),
-    ("visual_tokens_per_image", "visual tokens / image"),
-    ("grid_tokens_per_image", "full grid / image"),
-    ("kept_token_ratio", "kept"),
-    ("lm_image_tokens_per_image", "`<image>` tokens / image"),
-)
 
 # The templates: package data (apt_hf/model_cards/), read through importlib.resources so that they are found in
 # an editable checkout, an installed wheel or a zipped install alike.
@@ -73,139 +71,23 @@ BASE_TAGS = ("apt", "adaptive-patch-transformers", "vision-transformer")
 MIN_TRANSFORMERS = "5.23"
 
 
-@dataclass(frozen=True)
-class LmmsEvalScore:
-    """One aggregated metric of one lmms-eval task, with where it was measured."""
-
-    task: str
-    metric: str
-    filter: str
-    value: float
-    stderr: float | None
-    dataset_path: str | None
-    dataset_config: str | None
-    split: str | None
-    num_fewshot: int | None
-
-
-@dataclass(frozen=True)
-class LmmsEvalRun:
-    """A parsed lmms-eval results file: the scores and the run's settings worth showing on the card."""
-
-    scores: tuple[LmmsEvalScore, ...]
-    model: str | None
-    model_args: str | None
-    limit: Any
-    date: Any
-    throughput: dict[str, float]  # lmms-eval's "throughput" summary (numeric entries), {} when absent
-
-
-def _number(value: Any) -> float | None:
-    """A finite float, or None for lmms-eval's "N/A" / non-numeric entries."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _optional_str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def parse_lmms_eval_results(source: str | Path | Mapping[str, Any], argument: str = "eval_results") -> LmmsEvalRun:
-    """Read lmms-eval's aggregated results JSON (`<date>_results.json`), refusing anything else with a ValueError.
-
-    The schema is lmms-eval's: top-level "results" {task: {"alias": ..., "<metric>,<filter>": value,
-    "<metric>_stderr,<filter>": value or "N/A"}}, "configs" {task: task config}, "versions", "config" {"model",
-    "model_args", "limit", ...}, plus "n-shot", "higher_is_better", "n-samples", "date", ...
-    `argument` names the input in error messages. The one reader of that schema: cards and comparison tables.
-    """
-    where = argument
-    if isinstance(source, Mapping):
-        data: Any = source
-    else:
-        path = Path(source)
-        where = f"{argument} ({path})"
-        if not path.is_file():
-            raise ValueError(f"{where}: expected lmms-eval's results JSON file, no such file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{where}: expected lmms-eval's results JSON, the file is not JSON ({err}); pass the "
-                             "<date>_results.json that lmms-eval writes under --output_path, not the samples "
-                             "*.jsonl") from None
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected lmms-eval's results JSON (an object), got {type(data).__name__}")
-    missing = [key for key in LMMS_EVAL_REQUIRED_KEYS if key not in data]
-    if missing:
-        raise ValueError(f"{where}: expected lmms-eval's results JSON with top-level {list(LMMS_EVAL_REQUIRED_KEYS)}, "
-                         f"missing {missing}")
-    for key in LMMS_EVAL_REQUIRED_KEYS:
-        if not isinstance(data[key], Mapping):
-            raise ValueError(f"{where}: expected {key!r} to be an object (lmms-eval's schema), got "
-                             f"{type(data[key]).__name__}")
-    results, configs, run_config = data["results"], data["configs"], data["config"]
-    if "model" not in run_config:
-        raise ValueError(f"{where}: expected 'config' to name the evaluated 'model' (lmms-eval's schema)")
-    n_shot = data.get("n-shot") if isinstance(data.get("n-shot"), Mapping) else {}
-    scores = []
-    for task, metrics in results.items():
-        if not isinstance(metrics, Mapping):
-            raise ValueError(f"{where}: expected results[{task!r}] to map '<metric>,<filter>' to values, got "
-                             f"{type(metrics).__name__}")
-        task_config = configs.get(task) if isinstance(configs.get(task), Mapping) else {}
-        for key, raw in metrics.items():
-            if key == "alias":
-                continue
-            metric, sep, filter_key = str(key).partition(",")
-            if not sep:
-                raise ValueError(f"{where}: expected results[{task!r}] keys like '<metric>,<filter>' "
-                                 f"(e.g. 'exact_match,none'), got {key!r}")
-            value = _number(raw)
-            if "_stderr" in metric or value is None:  # stderr columns: "_stderr", and lmms-eval 0.7's "_stderr_clt"
-                continue
-            stderr = _number(metrics.get(f"{metric}_stderr,{filter_key}"))
-            shots = n_shot.get(task)
-            scores.append(LmmsEvalScore(
-                task=task, metric=metric, filter=filter_key, value=value, stderr=stderr,
-                dataset_path=_optional_str(task_config.get("dataset_path")),
-                dataset_config=_optional_str(task_config.get("dataset_name")),
-                split=_optional_str(task_config.get("test_split")),
-                num_fewshot=shots if isinstance(shots, int) and not isinstance(shots, bool) else None,
-            ))
-    if not scores:
-        raise ValueError(f"{where}: lmms-eval's results JSON holds no numeric metric in 'results'")
-    throughput = data.get("throughput", {})
-    if not isinstance(throughput, Mapping):
-        raise ValueError(f"{where}: expected 'throughput' to be an object (lmms-eval's schema), got "
-                         f"{type(throughput).__name__}")
-    return LmmsEvalRun(
-        scores=tuple(scores), model=_optional_str(run_config.get("model")),
-        model_args=_optional_str(run_config.get("model_args")), limit=run_config.get("limit"),
-        date=data.get("date"),
-        throughput={str(k): v for k, v in throughput.items() if _number(v) is not None},
-    )
-
-
 def throughput_rows(run: LmmsEvalRun) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) of tokens kept and images/s as `apt_llava` logged them during the evaluation: one row for
     all tasks, then one per task; ([], []) when the run has none (another lmms-eval model, older lmms-eval)."""
     stats = run.throughput
-    tasks = sorted({key[4:].rsplit("/", 1)[0] for key in stats if key.startswith("avg_") and "/" in key})
     rows = []
-    for label, prefix in [("all tasks", "avg_"), *((task, f"avg_{task}/") for task in tasks)]:
-        values = {column: stats.get(prefix + key) for key, column in THROUGHPUT_COLUMNS}
-        if values["visual tokens / image"] is None:
+    for label, task in [(ALL_TASKS, None), *((task, task) for task in logged_tasks(stats))]:
+        if stats.get(logged_name(VISUAL_TOKENS_PER_IMAGE, task)) is None:
             continue
         cells = [label]
-        for key, column in THROUGHPUT_COLUMNS:
-            value = values[column]
-            cells.append("" if value is None else f"{100 * value:.1f}%" if key == "kept_token_ratio"
+        for key, _ in CARD_COLUMNS:
+            value = stats.get(logged_name(key, task))
+            cells.append("" if value is None else f"{100 * value:.1f}%" if key == KEPT_TOKEN_RATIO
                          else _format(float(value)))
         rows.append(cells)
     if not rows:
         return [], []
-    return ["tasks", *(column for _, column in THROUGHPUT_COLUMNS)], rows
+    return ["tasks", *(column for _, column in CARD_COLUMNS)], rows
 
 
 def eval_results_for_card(run: LmmsEvalRun, task_type: str) -> list[EvalResult]:

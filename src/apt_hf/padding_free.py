@@ -80,6 +80,8 @@ class _LastBounds:
         self.entry: tuple[weakref.ref, int, list[int] | None] | None = None  # replaced whole: safe across threads
 
     def get(self, position_ids: torch.Tensor) -> list[int] | None:
+        if position_ids.is_inference():  # made under torch.inference_mode: no version counter, so read every time
+            return _read_bounds(position_ids)
         entry = self.entry
         if entry is not None and entry[0]() is position_ids and entry[1] == position_ids._version:
             return entry[2]

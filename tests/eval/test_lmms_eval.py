@@ -28,8 +28,10 @@ from PIL import Image
 
 from apt_hf import AptLlavaForConditionalGeneration, AptLlavaProcessor
 from apt_hf.lmms_eval_plugin import MODEL_ID
-from apt_hf.lmms_eval_plugin.apt_llava import AptLlava, AptLlavaSimple, parse_thresholds
-from apt_hf.lmms_eval_plugin.results import compare_dirs, load_run
+from apt_hf.lmms_eval_plugin.arguments import parse_thresholds
+from apt_hf.lmms_eval_plugin.comparison import compare_dirs
+from apt_hf.lmms_eval_plugin.model import AptLlava, AptLlavaSimple
+from apt_hf.lmms_eval_plugin.results import load_run
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"

@@ -11,15 +11,17 @@ from typing import Any
 
 import pytest
 
-from apt_hf.lmms_eval_plugin.apt_llava import _RunStats, _TaskStats, images_per_second_spread, summarize_stats
-from apt_hf.lmms_eval_plugin.results import (
+from apt_hf.lmms_eval_plugin.comparison import (
     MAX_SPREAD,
     MIN_TIMED_BATCHES,
     MIN_TIMED_SECONDS,
     compare_dirs,
-    load_run,
     speedup_refusals,
 )
+from apt_hf.lmms_eval_plugin.results import load_run
+from apt_hf.lmms_eval_plugin.statistics import RunStats as _RunStats
+from apt_hf.lmms_eval_plugin.statistics import TaskStats as _TaskStats
+from apt_hf.lmms_eval_plugin.statistics import images_per_second_spread, summarize_stats
 
 REPO = Path(__file__).resolve().parents[2]
 TASK = "pope"

@@ -1,48 +1,154 @@
-"""Read lmms-eval results folders and write the stock-vs-APT comparison table (accuracy, img/s, tokens kept).
+"""lmms-eval's results files read back: the one parser of its results JSON, and a folder of runs merged per task.
 
-Works on what lmms-eval writes under `--output_path` (`<model>/<date>_results.json`), so it needs neither
-lmms-eval nor a model: `scripts/eval_llava.py --compare_only A B` runs it on finished runs. Speed comes from
-the "throughput" block that the `apt_llava` model fills (`avg_<task>/images_per_second`, its spread, the number
-of timed batches and seconds, ...); runs made with other models show "–" there. A speed-up is printed only
-from runs long and steady enough to measure one (`speed_problems`); otherwise the table says why not.
+`parse_lmms_eval_results` checks a `<date>_results.json` against lmms-eval's schema and returns its scores, settings
+and "throughput" block; model cards (`apt_hf.model_card`) and the comparison tables (`comparison.py`) both read
+through it. `load_run` merges every results file under a folder (newest wins) into scores and speeds per task. Speed
+comes from the "throughput" block that the `apt_llava` model fills (`metrics.py`); runs made with other models have
+none. Needs neither lmms-eval nor a model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..model_card import LmmsEvalRun, parse_lmms_eval_results
+from .metrics import (
+    ALL_TASKS,
+    GRID_TOKENS_PER_IMAGE,
+    IMAGES_PER_SECOND,
+    IMAGES_PER_SECOND_SPREAD,
+    NUM_IMAGES,
+    TIMED_BATCHES,
+    TIMED_SECONDS,
+    VISUAL_TOKENS_PER_IMAGE,
+    logged_name,
+)
 
-# The paper's Table 3 (LLaVA-1.5) benchmarks, as lmms-eval names them, in the paper's order.
-TABLE3_TASKS = ("vqav2", "gqa", "scienceqa_img", "textvqa_val", "pope", "mme", "mmbench_en_dev", "mmbench_cn_dev",
-                "mmvet")
-# The number each benchmark reports in the LLaVA-1.5 / APT tables; other tasks show all their numeric metrics.
-PRIMARY_METRICS: dict[str, tuple[str, ...]] = {
-    "vqav2_val": ("exact_match",),
-    "gqa": ("exact_match",),
-    "scienceqa_img": ("exact_match",),
-    "textvqa_val": ("exact_match",),
-    "pope": ("pope_f1_score", "pope_accuracy"),
-    "mme": ("mme_perception_score", "mme_cognition_score"),
-    "mmbench_en_dev": ("gpt_eval_score",),
-    "mmbench_cn_dev": ("gpt_eval_score",),
-    "mmvet": ("gpt_eval_score",),
-}
-# Metrics lmms-eval reports as fractions; the table shows them in percent, as the papers do.
-FRACTION_METRICS = frozenset({"exact_match", "pope_accuracy", "pope_f1_score", "pope_precision", "pope_recall",
-                              "pope_yes_ratio"})
-SPEED_KEYS = ("num_images", "images_per_second", "visual_tokens_per_image", "grid_tokens_per_image")
-# How `apt_llava` qualifies its images/s (older runs lack them): the spread over interleaved subsets of the timed
-# batches, how many batches were timed (the warm-up batch is not) and for how long.
-TIMING_KEYS = ("images_per_second_spread", "timed_batches", "timed_seconds")
-ALL_TASKS = "all tasks"
-# A speed-up is printed only when both runs pass these: fewer batches or seconds than this cannot be told apart
-# from warm-up and noise (two short runs of one model have given 2.67 and 148 img/s).
-MIN_TIMED_BATCHES = 5
-MIN_TIMED_SECONDS = 3.0
-MAX_SPREAD = 0.20
+# lmms-eval's aggregated results file (evaluator.evaluate + simple_evaluate): these keys are always written.
+LMMS_EVAL_REQUIRED_KEYS = ("results", "configs", "versions", "config")
+# What a speed needs from a "throughput" block, and how `apt_llava` qualifies its images/s (older runs lack these):
+# the spread over interleaved subsets of the timed batches, how many batches were timed (the warm-up batch is not)
+# and for how long.
+SPEED_KEYS = (NUM_IMAGES, IMAGES_PER_SECOND, VISUAL_TOKENS_PER_IMAGE, GRID_TOKENS_PER_IMAGE)
+TIMING_KEYS = (IMAGES_PER_SECOND_SPREAD, TIMED_BATCHES, TIMED_SECONDS)
+
+
+@dataclass(frozen=True)
+class LmmsEvalScore:
+    """One aggregated metric of one lmms-eval task, with where it was measured."""
+
+    task: str
+    metric: str
+    filter: str
+    value: float
+    stderr: float | None
+    dataset_path: str | None
+    dataset_config: str | None
+    split: str | None
+    num_fewshot: int | None
+
+
+@dataclass(frozen=True)
+class LmmsEvalRun:
+    """A parsed lmms-eval results file: the scores and the run's settings worth showing on the card."""
+
+    scores: tuple[LmmsEvalScore, ...]
+    model: str | None
+    model_args: str | None
+    limit: Any
+    date: Any
+    throughput: dict[str, float]  # lmms-eval's "throughput" summary (numeric entries), {} when absent
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for lmms-eval's "N/A" / non-numeric entries."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _optional_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def parse_lmms_eval_results(source: str | Path | Mapping[str, Any], argument: str = "eval_results") -> LmmsEvalRun:
+    """Read lmms-eval's aggregated results JSON (`<date>_results.json`), refusing anything else with a ValueError.
+
+    The schema is lmms-eval's: top-level "results" {task: {"alias": ..., "<metric>,<filter>": value,
+    "<metric>_stderr,<filter>": value or "N/A"}}, "configs" {task: task config}, "versions", "config" {"model",
+    "model_args", "limit", ...}, plus "n-shot", "higher_is_better", "n-samples", "date", ...
+    `argument` names the input in error messages. The one reader of that schema: cards and comparison tables.
+    """
+    where = argument
+    if isinstance(source, Mapping):
+        data: Any = source
+    else:
+        path = Path(source)
+        where = f"{argument} ({path})"
+        if not path.is_file():
+            raise ValueError(f"{where}: expected lmms-eval's results JSON file, no such file")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{where}: expected lmms-eval's results JSON, the file is not JSON ({err}); pass the "
+                             "<date>_results.json that lmms-eval writes under --output_path, not the samples "
+                             "*.jsonl") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected lmms-eval's results JSON (an object), got {type(data).__name__}")
+    missing = [key for key in LMMS_EVAL_REQUIRED_KEYS if key not in data]
+    if missing:
+        raise ValueError(f"{where}: expected lmms-eval's results JSON with top-level {list(LMMS_EVAL_REQUIRED_KEYS)}, "
+                         f"missing {missing}")
+    for key in LMMS_EVAL_REQUIRED_KEYS:
+        if not isinstance(data[key], Mapping):
+            raise ValueError(f"{where}: expected {key!r} to be an object (lmms-eval's schema), got "
+                             f"{type(data[key]).__name__}")
+    results, configs, run_config = data["results"], data["configs"], data["config"]
+    if "model" not in run_config:
+        raise ValueError(f"{where}: expected 'config' to name the evaluated 'model' (lmms-eval's schema)")
+    n_shot = data.get("n-shot") if isinstance(data.get("n-shot"), Mapping) else {}
+    scores = []
+    for task, metrics in results.items():
+        if not isinstance(metrics, Mapping):
+            raise ValueError(f"{where}: expected results[{task!r}] to map '<metric>,<filter>' to values, got "
+                             f"{type(metrics).__name__}")
+        task_config = configs.get(task) if isinstance(configs.get(task), Mapping) else {}
+        for key, raw in metrics.items():
+            if key == "alias":
+                continue
+            metric, sep, filter_key = str(key).partition(",")
+            if not sep:
+                raise ValueError(f"{where}: expected results[{task!r}] keys like '<metric>,<filter>' "
+                                 f"(e.g. 'exact_match,none'), got {key!r}")
+            value = _number(raw)
+            if "_stderr" in metric or value is None:  # stderr columns: "_stderr", and lmms-eval 0.7's "_stderr_clt"
+                continue
+            stderr = _number(metrics.get(f"{metric}_stderr,{filter_key}"))
+            shots = n_shot.get(task)
+            scores.append(LmmsEvalScore(
+                task=task, metric=metric, filter=filter_key, value=value, stderr=stderr,
+                dataset_path=_optional_str(task_config.get("dataset_path")),
+                dataset_config=_optional_str(task_config.get("dataset_name")),
+                split=_optional_str(task_config.get("test_split")),
+                num_fewshot=shots if isinstance(shots, int) and not isinstance(shots, bool) else None,
+            ))
+    if not scores:
+        raise ValueError(f"{where}: lmms-eval's results JSON holds no numeric metric in 'results'")
+    throughput = data.get("throughput", {})
+    if not isinstance(throughput, Mapping):
+        raise ValueError(f"{where}: expected 'throughput' to be an object (lmms-eval's schema), got "
+                         f"{type(throughput).__name__}")
+    return LmmsEvalRun(
+        scores=tuple(scores), model=_optional_str(run_config.get("model")),
+        model_args=_optional_str(run_config.get("model_args")), limit=run_config.get("limit"),
+        date=data.get("date"),
+        throughput={str(k): v for k, v in throughput.items() if _number(v) is not None},
+    )
 
 
 @dataclass
@@ -128,10 +234,11 @@ def task_scores(run: LmmsEvalRun) -> dict[str, dict[str, float]]:
 def throughput_speeds(throughput: dict[str, float], tasks: Iterable[str]) -> dict[str, TaskSpeed]:
     """Per-task speeds from the (numeric) "throughput" block (`avg_<task>/<key>`), plus the run's overall numbers."""
     speeds: dict[str, TaskSpeed] = {}
-    for prefix, name in [*((f"avg_{t}/", t) for t in tasks), ("avg_", ALL_TASKS)]:
-        values = [throughput.get(prefix + key) for key in SPEED_KEYS]
-        if all(v is not None for v in values):
-            speeds[name] = TaskSpeed(*values, *(throughput.get(prefix + key) for key in TIMING_KEYS))  # type: ignore[arg-type]
+    for task in [*tasks, None]:
+        speed = {key: throughput.get(logged_name(key, task)) for key in SPEED_KEYS}
+        if all(v is not None for v in speed.values()):
+            timing = {key: throughput.get(logged_name(key, task)) for key in TIMING_KEYS}
+            speeds[ALL_TASKS if task is None else task] = TaskSpeed(**speed, **timing)  # type: ignore[arg-type]
     return speeds
 
 
@@ -153,152 +260,5 @@ def load_run(path: str | Path) -> EvalRun:
     return run
 
 
-def _task_order(task: str) -> tuple[int, str]:
-    for i, name in enumerate(TABLE3_TASKS):
-        if task == name or task.startswith(name + "_"):
-            return i, task
-    return len(TABLE3_TASKS), task
-
-
-def _metrics_of(task: str, a: dict[str, float], b: dict[str, float]) -> list[str]:
-    present = [m for m in PRIMARY_METRICS.get(task, ()) if m in a or m in b]
-    return present or sorted(set(a) | set(b))
-
-
-def _shown(metric: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    return 100 * value if metric in FRACTION_METRICS else value
-
-
-def _fmt(value: float | None, digits: int = 1, signed: bool = False) -> str:
-    if value is None:
-        return "–"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
-def speed_problems(speed: TaskSpeed) -> list[str]:
-    """Why `speed`'s images/s cannot carry a speed-up: too few timed batches, too short, too noisy, or not
-    recorded; [] when it can."""
-    if speed.timed_batches is None or speed.timed_seconds is None or speed.images_per_second_spread is None:
-        return ["no warm-up-free timing recorded (a run by another model or an older apt_hf)"]
-    problems = []
-    if speed.timed_batches < MIN_TIMED_BATCHES:
-        plural = "" if speed.timed_batches == 1 else "es"
-        problems.append(f"{speed.timed_batches:.0f} timed batch{plural} (fewer than {MIN_TIMED_BATCHES})")
-    if speed.timed_seconds < MIN_TIMED_SECONDS:
-        problems.append(f"{speed.timed_seconds:.2f} s timed (under {MIN_TIMED_SECONDS:g} s)")
-    if speed.images_per_second_spread > MAX_SPREAD:
-        problems.append(f"spread {100 * speed.images_per_second_spread:.0f}% (over {100 * MAX_SPREAD:.0f}%)")
-    return problems
-
-
-def _task_names(a: EvalRun, b: EvalRun, tasks: Iterable[str] | None) -> list[str]:
-    names = sorted(set(a.scores) | set(b.scores), key=_task_order)
-    if tasks is not None:
-        wanted = list(tasks)
-        names = [t for t in names if any(t == w or t.startswith(w + "_") for w in wanted)]
-    return names
-
-
-SpeedPair = tuple[TaskSpeed | None, TaskSpeed | None]
-
-
-def _speeds(a: EvalRun, b: EvalRun, tasks: Iterable[str] | None) -> dict[str, SpeedPair]:
-    pairs = {task: (a.speed.get(task), b.speed.get(task)) for task in _task_names(a, b, tasks)}
-    pairs[ALL_TASKS] = (a.overall_speed, b.overall_speed)
-    return pairs
-
-
-def speedup_refusals(a: EvalRun, b: EvalRun, labels: Sequence[str] = ("stock", "APT"),
-                     tasks: Iterable[str] | None = None) -> dict[str, str]:
-    """{task (or "all tasks"): why its speed-up is withheld} for the rows where both runs have a speed."""
-    refused = {}
-    for task, (sa, sb) in _speeds(a, b, tasks).items():
-        if sa is None or sb is None:
-            continue
-        reasons = [f"{label}: {'; '.join(problems)}" for label, speed in zip(labels, (sa, sb), strict=True)
-                   if (problems := speed_problems(speed))]
-        if reasons:
-            refused[task] = ", ".join(reasons)
-    return refused
-
-
-def _speed_cells(a: TaskSpeed | None, b: TaskSpeed | None, withheld: bool) -> list[str]:
-    def ips(s: TaskSpeed | None) -> str:
-        if not s:
-            return "–"
-        spread = "" if s.images_per_second_spread is None else f" ±{100 * s.images_per_second_spread:.0f}%"
-        return _fmt(s.images_per_second, 2) + spread
-
-    if withheld:
-        speedup = "withheld"
-    else:
-        speedup = (f"{b.images_per_second / a.images_per_second:.2f}×"
-                   if a and b and a.images_per_second > 0 else "–")
-
-    def tokens(s: TaskSpeed | None) -> str:
-        if not s:
-            return "–"
-        kept = f" ({100 * s.visual_tokens_per_image / s.grid_tokens_per_image:.0f}%)" if s.grid_tokens_per_image else ""
-        return f"{s.visual_tokens_per_image:.1f}{kept}"
-
-    return [ips(a), ips(b), speedup, tokens(a), tokens(b)]
-
-
-def comparison_table(a: EvalRun, b: EvalRun, labels: Sequence[str] = ("stock", "APT"),
-                     tasks: Iterable[str] | None = None) -> str:
-    """A markdown table: per task and metric the two scores and their difference, then img/s with its spread,
-    speed-up and visual tokens per image (with the share of the full grid kept); a last row for all tasks.
-
-    Fractions (exact match, POPE) are shown in percent; other metrics as lmms-eval reports them. A speed-up
-    from runs too short or too noisy to measure (`speed_problems`) is withheld, with the reason under the table;
-    the scores are shown all the same.
-    """
-    la, lb = labels
-    speeds = _speeds(a, b, tasks)
-    refused = speedup_refusals(a, b, labels, tasks)
-    header = ["Task", "Metric", la, lb, "Δ", f"{la} img/s", f"{lb} img/s", "speed-up",
-              f"{la} tokens/img", f"{lb} tokens/img"]
-    rows = [header, ["---"] * 2 + ["---:"] * (len(header) - 2)]
-    for task in _task_names(a, b, tasks):
-        sa, sb = a.scores.get(task, {}), b.scores.get(task, {})
-        for i, metric in enumerate(_metrics_of(task, sa, sb)):
-            va, vb = _shown(metric, sa.get(metric)), _shown(metric, sb.get(metric))
-            delta = vb - va if va is not None and vb is not None else None
-            unit = " (%)" if metric in FRACTION_METRICS else ""
-            speed = _speed_cells(*speeds[task], withheld=task in refused) if i == 0 else [""] * 5
-            rows.append([task if i == 0 else "", metric + unit, _fmt(va), _fmt(vb), _fmt(delta, signed=True), *speed])
-    rows.append([f"**{ALL_TASKS}**", "", "", "", "", *_speed_cells(*speeds[ALL_TASKS], withheld=ALL_TASKS in refused)])
-    lines = ["| " + " | ".join(row) + " |" for row in rows]
-    notes = [
-        "",
-        f"{la}: `{a.model} {a.model_args}` ({a.path}); {lb}: `{b.model} {b.model_args}` ({b.path}).",
-        "img/s: images per second over image preprocessing and the model, all processes together, each task's "
-        "first (warm-up) batch left out; ±: its spread, (max − min) / median over five interleaved subsets of the "
-        "timed batches. tokens/img: visual tokens per image after APT merging (in parentheses: share of the full "
-        "patch grid).",
-    ]
-    if refused:
-        notes += ["", f"Speed-up withheld where a run is too short or too noisy to measure one (each needs at least "
-                  f"{MIN_TIMED_BATCHES} timed batches, {MIN_TIMED_SECONDS:g} s timed and a spread of at most "
-                  f"{100 * MAX_SPREAD:.0f}%; rerun with more samples, e.g. a larger --limit):"]
-        notes += [f"- {task}: {reason}" for task, reason in refused.items()]
-    return "\n".join(lines + notes) + "\n"
-
-
-def default_labels(dir_a: str | Path, dir_b: str | Path) -> tuple[str, str]:
-    """The two folders' names, or A and B when they are equal or empty."""
-    names = (Path(dir_a).name, Path(dir_b).name)
-    return names if names[0] != names[1] and all(names) else ("A", "B")
-
-
-def compare_dirs(dir_a: str | Path, dir_b: str | Path, labels: Sequence[str] | None = None,
-                 tasks: Iterable[str] | None = None) -> str:
-    """Load two results folders and return their comparison table."""
-    return comparison_table(load_run(dir_a), load_run(dir_b), labels or default_labels(dir_a, dir_b), tasks)
-
-
-__all__ = ["TABLE3_TASKS", "PRIMARY_METRICS", "MIN_TIMED_BATCHES", "MIN_TIMED_SECONDS", "MAX_SPREAD", "EvalRun",
-           "TaskSpeed", "find_results_files", "task_scores", "throughput_speeds", "load_run", "speed_problems",
-           "speedup_refusals", "comparison_table", "default_labels", "compare_dirs"]
+__all__ = ["LMMS_EVAL_REQUIRED_KEYS", "EvalRun", "LmmsEvalRun", "LmmsEvalScore", "TaskSpeed", "find_results_files",
+           "load_run", "parse_lmms_eval_results", "task_scores", "throughput_speeds"]
