@@ -9,7 +9,7 @@ Writes OUT/results.json, OUT/results.md and OUT/accuracy_vs_speed.png; see `--he
 
 import sys
 
-from apt_hf.classification.evaluate import main
+from apt_hf.tasks.classification.evaluate import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -5,7 +5,7 @@ Every flag of transformers' TrainingArguments plus --model_name_or_path, --data_
 fields, --vision_feature_layout, --trainable and --lora_r; see recipes/README.md.
 """
 
-from apt_hf.training.train import main
+from apt_hf.tasks.llava.train import main
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ Every flag of transformers' TrainingArguments plus --model_name_or_path, --data_
 see recipes/README.md.
 """
 
-from apt_hf.classification.train import main
+from apt_hf.tasks.classification.train import main
 
 if __name__ == "__main__":
     main()

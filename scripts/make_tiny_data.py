@@ -8,8 +8,8 @@ looking at the data or reusing it. Usage: python scripts/make_tiny_data.py [--ou
 import argparse
 from pathlib import Path
 
+from apt_hf.tasks.llava.data import make_tiny_dataset
 from apt_hf.testing import save_tiny_llava, tiny_vision_config
-from apt_hf.training.data import make_tiny_dataset
 
 
 def main() -> None:

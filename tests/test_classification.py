@@ -20,19 +20,14 @@ import torch
 from PIL import Image
 from transformers import ViTForImageClassification, ViTImageProcessorPil
 
-from apt_hf.classification.arguments import parse_args
-from apt_hf.classification.collator import AptImageClassificationCollator, random_resized_crop
-from apt_hf.classification.data import TINY_CLASSES, load_classification_data, make_photo_imagefolder
-from apt_hf.classification.evaluate import main as evaluate_main
-from apt_hf.classification.model import (
-    layer_decay_groups,
-    load_classifier,
-    load_image_processor,
-    save_tiny_vit,
-    setup_trainable,
-)
-from apt_hf.classification.train import AptImageClassificationTrainer
-from apt_hf.classification.train import main as train_main
+from apt_hf.tasks.classification.arguments import parse_args
+from apt_hf.tasks.classification.collator import AptImageClassificationCollator, random_resized_crop
+from apt_hf.tasks.classification.data import TINY_CLASSES, load_classification_data, make_photo_imagefolder
+from apt_hf.tasks.classification.evaluate import main as evaluate_main
+from apt_hf.tasks.classification.model import load_classifier, load_image_processor, save_tiny_vit, setup_trainable
+from apt_hf.tasks.classification.train import AptImageClassificationTrainer
+from apt_hf.tasks.classification.train import main as train_main
+from apt_hf.training.trainable import layer_decay_groups
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "finetune_vit.py"

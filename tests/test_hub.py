@@ -639,7 +639,7 @@ def test_comparison_tables_read_results_with_the_card_parser(tmp_path):
 
 def test_finetune_push_to_hub_publishes_without_pickles_or_token(fake_hub, tmp_path):
     """`finetune_llava.py --push_to_hub --hub_token ...`: one commit of the safe upload set; the token on no file."""
-    from apt_hf.training import main, make_tiny_dataset
+    from apt_hf.tasks.llava import main, make_tiny_dataset
 
     stock = save_tiny_llava(tmp_path / "stock", vision=tiny_vision_config(image_size=56))
     data = make_tiny_dataset(tmp_path / "data.json", tmp_path / "images", num_samples=4, size=56)

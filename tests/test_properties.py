@@ -202,7 +202,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory):
 @given(rows=st.lists(records(), min_size=1, max_size=3), jsonl=st.booleans(), garbage_line=rarely(st.just(False),
                                                                                               st.just(True)))
 def test_training_records_load_or_give_a_value_error(image_folder, rows, jsonl, garbage_line) -> None:
-    from apt_hf.training.data import load_training_dataset
+    from apt_hf.tasks.llava.data import load_training_dataset
 
     path = image_folder / ("data.jsonl" if jsonl else "data.json")
     if jsonl:

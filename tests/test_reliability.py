@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from apt_hf.tasks.llava import make_tiny_dataset
 from apt_hf.testing import save_tiny_llava, tiny_vision_config
-from apt_hf.training import make_tiny_dataset
 from apt_hf.training.checkpoints import last_complete_checkpoint, missing_parts
 
 SECRET = "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1234"
@@ -36,7 +36,7 @@ RUN = textwrap.dedent("""
         return original(self, json_path)
 
     TrainerState.save_to_json = save_to_json
-    from apt_hf.training import main
+    from apt_hf.tasks.llava import main
     main(json.loads(sys.argv[1]))
 """)
 
@@ -97,7 +97,7 @@ def test_killed_save_is_skipped_and_auto_resume_reaches_the_same_weights(work, u
 
 
 def test_an_incomplete_checkpoint_named_explicitly_is_refused(work) -> None:
-    from apt_hf.training import main
+    from apt_hf.tasks.llava import main
 
     folder = work["root"] / "torn" / "checkpoint-2"
     folder.mkdir(parents=True)
@@ -107,7 +107,7 @@ def test_an_incomplete_checkpoint_named_explicitly_is_refused(work) -> None:
 
 
 def test_a_folder_with_another_run_is_refused_unless_asked(work, uninterrupted) -> None:
-    from apt_hf.training import main
+    from apt_hf.tasks.llava import main
 
     with pytest.raises(ValueError, match=r"output_dir: .* already holds a run .*--overwrite_output_dir"):
         main(flags(work, uninterrupted))
@@ -132,8 +132,8 @@ def test_the_hub_token_is_never_written_and_pickles_are_never_pushed(work) -> No
 
     from transformers import TrainingArguments
 
-    from apt_hf.training.arguments import ModelArguments
-    from apt_hf.training.train import take_hub_settings
+    from apt_hf.tasks.llava.arguments import ModelArguments
+    from apt_hf.tasks.llava.train import take_hub_settings
 
     args = TrainingArguments(output_dir=str(out), push_to_hub=True, hub_model_id="me/apt", hub_token=SECRET)
     hub = take_hub_settings(args, ModelArguments())

@@ -20,10 +20,10 @@ from transformers import AutoModelForImageTextToText, LlavaForConditionalGenerat
 
 from apt_hf import AptLlavaForConditionalGeneration, AptLlavaProcessor
 from apt_hf.processing_apt_llava import LLAVA_15_CHAT_TEMPLATE
+from apt_hf.tasks.llava.arguments import parse_args
+from apt_hf.tasks.llava.collator import IGNORE_INDEX, AptLlavaDataCollator
+from apt_hf.tasks.llava.data import load_training_dataset, make_tiny_dataset
 from apt_hf.testing import build_tiny_llava, save_tiny_llava, tiny_vision_config
-from apt_hf.training.arguments import parse_args
-from apt_hf.training.collator import IGNORE_INDEX, AptLlavaDataCollator
-from apt_hf.training.data import load_training_dataset, make_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "finetune_llava.py"
@@ -175,8 +175,8 @@ def test_outputs_and_broken_image_count(apt_run: Path) -> None:
 
 def test_apt_checkpoint_loads_with_overrides(apt_run: Path) -> None:
     """An APT-LLaVA checkpoint is loaded as is; APT fields from the command line reach model and processor."""
-    from apt_hf.training.arguments import AptArguments, ModelArguments
-    from apt_hf.training.model import load_model_and_processor
+    from apt_hf.tasks.llava.arguments import AptArguments, ModelArguments
+    from apt_hf.tasks.llava.model import load_model_and_processor
 
     model, processor, converted = load_model_and_processor(ModelArguments(model_name_or_path=str(apt_run)),
                                                 AptArguments(num_scales=2, thresholds=[-1.0]))
@@ -228,7 +228,7 @@ def test_two_processes_train_projector_and_language_model(work: dict[str, Path])
 def test_lora_adapter_and_merged_model_load_back(work: dict[str, Path]) -> None:
     from peft import PeftModel
 
-    from apt_hf.training.model import load_lora_model
+    from apt_hf.tasks.llava.model import load_lora_model
 
     out = work["root"] / "lora"
     ok(launch(base_flags(work, out, "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--merge_lora",
@@ -360,7 +360,7 @@ def _re(text: str) -> str:
 
 
 def test_bad_data_raises_before_training(work: dict[str, Path], tmp_path: Path) -> None:
-    from apt_hf.training.train import main
+    from apt_hf.tasks.llava.train import main
 
     flags = base_flags(work, tmp_path / "never", "--max_steps", "1")
 
@@ -561,7 +561,7 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tmp_path: Path,
 
 def test_eval_split_summary_and_loss_curve(work: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     """--eval_data_path gives eval_loss during training; the run starts with a summary and ends with a PNG."""
-    from apt_hf.training import main
+    from apt_hf.tasks.llava import main
 
     out = work["root"] / "with_eval"
     trainer = main(base_flags(work, out, "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2",

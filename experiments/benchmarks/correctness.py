@@ -34,9 +34,9 @@ from apt_hf.padding_free import flatten_padded_batch, register_packed_sdpa, unfl
 from apt_hf.patchify import SCORERS, PatchLayout, compute_layout, default_thresholds, unpack_base_patches
 from apt_hf.processing_apt_llava import AptLlavaProcessor
 from apt_hf.sample_images import load_photos
-from apt_hf.training.arguments import ModelArguments
-from apt_hf.training.collator import AptLlavaDataCollator
-from apt_hf.training.model import setup_trainable
+from apt_hf.tasks.llava.arguments import ModelArguments
+from apt_hf.tasks.llava.collator import AptLlavaDataCollator
+from apt_hf.tasks.llava.model import setup_trainable
 
 from .llava import PRESETS, PROMPT, build_stock_llava
 from .results import row, write_json

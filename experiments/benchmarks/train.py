@@ -25,14 +25,14 @@ import torch
 import transformers
 
 from apt_hf.flops import llava_prefill_flops
-from apt_hf.modeling_apt_llava import MODEL_PARTS, AptLlavaForConditionalGeneration
+from apt_hf.modeling_apt_llava import AptLlavaForConditionalGeneration
 from apt_hf.padding_free import register_packed_sdpa
 from apt_hf.patchify import PatchLayout
 from apt_hf.processing_apt_llava import AptLlavaProcessor
 from apt_hf.sample_images import load_photos
-from apt_hf.training.arguments import ModelArguments
-from apt_hf.training.collator import AptLlavaDataCollator
-from apt_hf.training.model import setup_trainable
+from apt_hf.tasks.llava.arguments import TRAINABLE_PARTS, ModelArguments
+from apt_hf.tasks.llava.collator import AptLlavaDataCollator
+from apt_hf.tasks.llava.model import setup_trainable
 
 from .llava import PRESETS, attention_lengths, build_stock_llava
 from .results import row, write_json
@@ -51,8 +51,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[5.75])
     parser.add_argument("--attn_implementation", default="sdpa")
-    parser.add_argument("--trainable", default=",".join(MODEL_PARTS),
-                        help=f"comma list of {', '.join(MODEL_PARTS)} (default: all of them)")
+    parser.add_argument("--trainable", default=",".join(TRAINABLE_PARTS),
+                        help=f"comma list of {', '.join(TRAINABLE_PARTS)} (default: all of them)")
     parser.add_argument("--optimizer", choices=("none", "adamw"), default="none",
                         help="adamw: time the optimizer step too")
     parser.add_argument("--device", default="cpu")

@@ -61,8 +61,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def batches(args: argparse.Namespace, num_scales: int) -> dict[str, dict[str, torch.Tensor]]:
     """{"[-1]": packed batch with nothing merged, "<thresholds>": packed batch} from the training collator."""
-    from apt_hf.classification.collator import AptImageClassificationCollator
     from apt_hf.image_processing_apt import AptImageProcessorPil
+    from apt_hf.tasks.classification.collator import AptImageClassificationCollator
 
     photos = list(load_photos(PHOTOS).values())
     rows = [{"image": photos[i % len(photos)], "label": i % len(photos)} for i in range(args.batch)]

@@ -898,6 +898,21 @@ class AptViTForImageClassification(AptPreTrainedMixin, ViTPreTrainedModel):
     _can_record_outputs = {"hidden_states": ViTLayer, "attentions": ViTAttention}
     _stock_class = ViTForImageClassification
     _apt_auto_classes = ("AutoModel", "AutoModelForImageClassification")
+    # Plain data, read by apt_hf.training.trainable: regexes matched (re.match) against `named_parameters()` names.
+    # `trainable_parts`: what `finetune_vit.py --trainable` names (APT's new layers, the pretrained embeddings, the
+    # encoder layers, the head: final layernorm + classifier). `layer_groups`, in timm's `group_matcher` format: the
+    # stem (the pretrained embeddings), then the numbered blocks; whatever neither matches (final layernorm,
+    # classifier, APT's new layers, which start from scratch) is the top group and keeps the full learning rate.
+    trainable_parts: ClassVar[dict[str, str]] = {
+        "apt": r"^vit\.embeddings\.(?:merge_conv|zero_mlp)\.",
+        "embeddings": r"^vit\.embeddings\.(?!(?:merge_conv|zero_mlp)\.)",
+        "encoder": r"^vit\.layers\.",
+        "head": r"^(?:vit\.layernorm|classifier)\.",
+    }
+    layer_groups: ClassVar[dict[str, str]] = {
+        "stem": r"^vit\.embeddings\.(?!(?:merge_conv|zero_mlp)\.)",
+        "blocks": r"^vit\.layers\.(\d+)\.",
+    }
 
     def __init__(self, config: AptViTConfig) -> None:
         super().__init__(config)

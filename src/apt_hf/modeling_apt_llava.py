@@ -14,7 +14,7 @@ Part of the remote-code set: imports only torch, transformers and sibling module
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -33,9 +33,6 @@ from .modeling_apt import (
     expand_to_grid,
 )
 from .patchify import PatchLayout
-
-# The parts `parameters_of` knows, e.g. for freezing policies (`finetune_llava.py --trainable`).
-MODEL_PARTS = ("apt", "projector", "language_model", "vision_tower")
 
 
 class AptLlavaModel(AptHubMixin, LlavaModel):
@@ -168,6 +165,21 @@ class AptLlavaForConditionalGeneration(AptHubMixin, LlavaForConditionalGeneratio
     """LLaVA-1.5 with APT as its vision tower; generation, loss and caching are transformers' own."""
 
     config_class = AptLlavaConfig
+    # Plain data, read by apt_hf.training.trainable: regexes matched (re.match) against `named_parameters()` names.
+    # `trainable_parts`: what `finetune_llava.py --trainable` names (APT's new layers, the projector, the language
+    # model with its head, the whole vision tower). `layer_groups`, in timm's `group_matcher` format: the stem, then
+    # the numbered blocks; whatever neither matches (APT's new layers, projector, language model) is the top group,
+    # so layer-wise LR decay runs down the vision tower, the part APT changes.
+    trainable_parts: ClassVar[dict[str, str]] = {
+        "apt": r"^model\.vision_tower\.embeddings\.(?:merge_conv|zero_mlp)\.",
+        "projector": r"^model\.multi_modal_projector\.",
+        "language_model": r"^(?:model\.language_model|lm_head)\.",
+        "vision_tower": r"^model\.vision_tower\.",
+    }
+    layer_groups: ClassVar[dict[str, str]] = {
+        "stem": r"^model\.vision_tower\.(?:embeddings\.(?!(?:merge_conv|zero_mlp)\.)|pre_layrnorm\.)",
+        "blocks": r"^model\.vision_tower\.encoder\.layers\.(\d+)\.",
+    }
 
     def __init__(self, config: AptLlavaConfig) -> None:
         LlavaPreTrainedModel.__init__(self, config)
@@ -207,19 +219,6 @@ class AptLlavaForConditionalGeneration(AptHubMixin, LlavaForConditionalGeneratio
     def named_apt_parameters(self) -> list[tuple[str, nn.Parameter]]:
         prefix = "model.vision_tower."
         return [(prefix + name, p) for name, p in self.model.vision_tower.named_apt_parameters()]
-
-    def parameters_of(self, part: str) -> list[nn.Parameter]:
-        """The parameters of one part (`MODEL_PARTS`): APT's new layers, the projector, the language model with
-        its head, or the whole vision tower."""
-        if part == "apt":
-            return self.apt_parameters()
-        if part == "projector":
-            return list(self.model.multi_modal_projector.parameters())
-        if part == "language_model":
-            return [*self.model.language_model.parameters(), *self.lm_head.parameters()]
-        if part == "vision_tower":
-            return list(self.model.vision_tower.parameters())
-        raise ValueError(f"part: expected one of {MODEL_PARTS}, got {part!r}")
 
     @classmethod
     def from_llava(
@@ -270,4 +269,4 @@ def register_auto_classes() -> None:
     AutoModelForImageTextToText.register(AptLlavaConfig, AptLlavaForConditionalGeneration, exist_ok=True)
 
 
-__all__ = ["AptLlavaModel", "AptLlavaForConditionalGeneration", "MODEL_PARTS", "register_auto_classes"]
+__all__ = ["AptLlavaModel", "AptLlavaForConditionalGeneration", "register_auto_classes"]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
+from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
@@ -94,4 +96,38 @@ def remove_old_checkpoints(output_dir: str | Path) -> None:
         shutil.rmtree(folder)
 
 
-__all__ = ["check_output_dir", "remove_old_checkpoints", "checkpoints", "last_complete_checkpoint", "missing_parts"]
+def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint` path, or 'auto'/'true' for the newest complete checkpoint in --output_dir."""
+    resume = training_args.resume_from_checkpoint
+    if resume is None:
+        return None
+    if str(resume).lower() in ("auto", "true", "last"):
+        last = last_complete_checkpoint(training_args.output_dir, training_args.save_only_model)
+        if last is None:
+            logger.warning("resume_from_checkpoint=%s: no complete checkpoint in %s, starting fresh", resume,
+                           training_args.output_dir)
+        return None if last is None else str(last)
+    if not os.path.isdir(resume):
+        raise ValueError(f"resume_from_checkpoint: expected a checkpoint folder, got {resume!r}, which does not exist")
+    missing = missing_parts(resume, training_args.save_only_model)
+    if missing:
+        raise ValueError(f"resume_from_checkpoint: {resume} is an incomplete save (missing {', '.join(missing)}); "
+                         "pass an earlier checkpoint, or 'auto' to take the newest complete one")
+    return resume
+
+
+def prepare_output_dir(training_args: TrainingArguments, overwrite: bool) -> str | None:
+    """The checkpoint to resume from (or None), once --output_dir is known to be safe to write in.
+
+    `overwrite` (--overwrite_output_dir) on a fresh start removes the old run's checkpoints (main process), or a
+    later `auto` resume would continue the old run.
+    """
+    resume = resolve_resume(training_args)
+    check_output_dir(training_args.output_dir, overwrite, resuming=resume is not None)
+    if overwrite and resume is None and training_args.process_index == 0:
+        remove_old_checkpoints(training_args.output_dir)
+    return resume
+
+
+__all__ = ["check_output_dir", "checkpoints", "last_complete_checkpoint", "missing_parts", "prepare_output_dir",
+           "remove_old_checkpoints", "resolve_resume"]

@@ -1,22 +1,23 @@
 """Command-line and recipe arguments of `scripts/finetune_vit.py`.
 
-Flags are transformers' `TrainingArguments`, the APT fields (shared with finetune_llava.py) and the dataclasses
-below. A YAML recipe given with `--config` supplies defaults; flags on the command line override it, and a recipe
-key that is not a flag stops the run before anything loads.
+Flags are transformers' `TrainingArguments`, the APT fields (`AptArguments`) and the dataclasses below. A YAML recipe
+given with `--config` supplies defaults; flags on the command line override it, and a recipe key that is not a flag
+stops the run before anything loads (`apt_hf.training.arguments`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from transformers import TrainingArguments
 
-from ..training.arguments import AptArguments
-from ..training.arguments import parse_args as _parse_args
+from ...modeling_apt import AptViTForImageClassification
+from ...training import arguments as toolkit
+from ...training.arguments import AptArguments, check_eval_data
+from ...training.trainable import parse_parts
 from .collator import AUGMENTATIONS
 
-CLASSIFICATION_PARTS = ("apt", "embeddings", "encoder", "head")
+CLASSIFICATION_PARTS = tuple(AptViTForImageClassification.trainable_parts)
 SCRIPT = "finetune_vit.py"
 
 
@@ -96,14 +97,7 @@ ARGUMENT_CLASSES = (ClassificationModelArguments, AptArguments, ClassificationDa
 
 def parse_trainable(trainable: str) -> list[str]:
     """'all' / 'apt' / a comma list of parts -> the parts, validated."""
-    parts = [p.strip() for p in trainable.split(",") if p.strip()]
-    if parts == ["all"]:
-        return list(CLASSIFICATION_PARTS)
-    unknown = [p for p in parts if p not in CLASSIFICATION_PARTS]
-    if not parts or unknown:
-        raise ValueError(f"trainable: expected 'all' or a comma list of {', '.join(CLASSIFICATION_PARTS)}, got "
-                         f"{trainable!r}")
-    return parts
+    return parse_parts(trainable, CLASSIFICATION_PARTS, all_alias=True)
 
 
 def check_args(model_args: ClassificationModelArguments, apt_args: AptArguments,
@@ -113,10 +107,7 @@ def check_args(model_args: ClassificationModelArguments, apt_args: AptArguments,
         raise ValueError("model_name_or_path: expected a ViT or APT-ViT hub id or path, got nothing")
     if not data_args.data_path:
         raise ValueError("data_path: expected a folder of class folders or a datasets id/path, got nothing")
-    eval_strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
-    if eval_strategy != "no" and not data_args.eval_data_path:
-        raise ValueError(f"eval_strategy: {eval_strategy!r} needs evaluation data; pass --eval_data_path (or "
-                         "--eval_strategy no)")
+    check_eval_data(training_args, data_args.eval_data_path)
     parse_trainable(model_args.trainable)
     if model_args.layer_decay is not None and not 0 < model_args.layer_decay <= 1:
         raise ValueError(f"layer_decay: expected a number in (0, 1] (the paper: 0.99 heal, 0.75 full fine-tune), got "
@@ -127,15 +118,14 @@ def check_args(model_args: ClassificationModelArguments, apt_args: AptArguments,
         value = getattr(data_args, name)
         if value is not None and value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value}")
-    if apt_args.thresholds is not None and apt_args.num_scales is None:
-        apt_args.num_scales = len(apt_args.thresholds) + 1  # `--thresholds a b` alone implies S = 3
+    apt_args.infer_num_scales()
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ClassificationModelArguments, AptArguments,
                                                         ClassificationDataArguments, TrainingArguments]:
     """Parse recipe + flags (flags win) into the four argument dataclasses and check them."""
-    parsed: Any = _parse_args(argv, ARGUMENT_CLASSES, check=check_args, script=SCRIPT)
-    return parsed
+    model_args, apt_args, data_args, training_args = toolkit.parse_args(argv, ARGUMENT_CLASSES, check_args, SCRIPT)
+    return model_args, apt_args, data_args, training_args
 
 
 __all__ = ["ARGUMENT_CLASSES", "CLASSIFICATION_PARTS", "ClassificationDataArguments", "ClassificationModelArguments",

@@ -8,20 +8,15 @@ sample (a warning, and `broken_images` grows); a batch left empty is refilled fr
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from typing import Any
 
 import torch
 
-from ..training.collator import COUNT_KEYS, BrokenBatchFallback
-from ..training.data import open_image
+from ...training.collator import ImageCollator
 
 AUGMENTATIONS = ("none", "flip", "crop_flip")
-BROKEN = COUNT_KEYS[0]  # "broken_images", the key AptLlavaTrainer / DropCounts take out of every batch
-
-logger = logging.getLogger(__name__)
 
 
 def random_resized_crop(image: Any, scale: tuple[float, float] = (0.08, 1.0),
@@ -44,7 +39,7 @@ def random_resized_crop(image: Any, scale: tuple[float, float] = (0.08, 1.0),
     return image.crop((left, top, left + w, top + h))
 
 
-class AptImageClassificationCollator:
+class AptImageClassificationCollator(ImageCollator):
     """Rows of `load_classification_data` -> `AptViTForImageClassification` inputs plus `labels`.
 
     Output keys: pixel_values (base patches), patch_scales, patch_positions, tokens_per_image, image_grid_hw, labels;
@@ -57,16 +52,12 @@ class AptImageClassificationCollator:
                  augment: str = "none", report_counts: bool = False, max_fallback: int = 64) -> None:
         if augment not in AUGMENTATIONS:
             raise ValueError(f"augment: expected one of {AUGMENTATIONS}, got {augment!r}")
+        super().__init__("images: every image of the first batch could not be opened; check --data_path and "
+                         "--image_column", report_counts=report_counts, max_fallback=max_fallback)
         self.processor = processor
         self.image_column = image_column
         self.label_column = label_column
         self.augment = augment
-        # DataLoader workers run copies of this object, so with report_counts each batch carries its own count.
-        self.report_counts = report_counts
-        self.broken_images = 0
-        self._fallback = BrokenBatchFallback(
-            max_fallback, "images: every image of the first batch could not be opened; check --data_path and "
-            "--image_column")
 
     def _augmented(self, image: Any) -> Any:
         from PIL import Image
@@ -81,26 +72,16 @@ class AptImageClassificationCollator:
         """The batch's opened (and augmented) images and labels, broken images skipped and counted."""
         examples = []
         for i, row in enumerate(features):
-            ref = row[self.image_column]
-            try:
-                image = open_image(ref)
-            except Exception as err:  # any decoder error: skip the sample, never the run
-                self.broken_images += 1
-                where = ref if isinstance(ref, str) else (ref.get("path") if isinstance(ref, dict) else f"#{i}")
-                logger.warning("skipping image %r: it could not be opened (%s: %s); broken_images=%d", where,
-                               type(err).__name__, err, self.broken_images)
-                continue
-            examples.append((image, int(row[self.label_column])))
-        examples = self._fallback(examples, len(features))
+            image = self.try_open(row[self.image_column], f"image #{i} of the batch")
+            if image is not None:
+                examples.append((image, int(row[self.label_column])))
+        examples = self.fallback(examples, len(features))
         return [self._augmented(image) for image, _ in examples], [label for _, label in examples]
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        broken = self.broken_images
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images, labels = self.examples(features)
         batch = dict(self.processor(images, return_tensors="pt"))
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
-        if self.report_counts:
-            batch[BROKEN] = torch.tensor(self.broken_images - broken)
         return batch
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..training.data import DATA_FILE_FORMATS, SAVED_DATASET_MARKERS, load_datasets_source, open_image
+from ...training.data import DATA_FILE_FORMATS, is_saved_dataset, lazy_images, load_datasets_source
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SPLIT_FOLDER_NAMES = {"train", "val", "valid", "validation", "test"}
@@ -43,10 +43,6 @@ class ClassificationData:
 
 
 # --------------------------------------------------------------------------------------------- class folders
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return any((path / marker).exists() for marker in SAVED_DATASET_MARKERS)
 
 
 def _has_data_files(path: Path) -> bool:
@@ -126,15 +122,6 @@ def _class_names(ds: Any, label_column: str, source: str) -> tuple[Any, list[str
     return ds, names
 
 
-def _lazy_images(ds: Any, image_column: str) -> Any:
-    """Keep an `Image` column as {"bytes", "path"} so decoding happens in the collator, one sample at a time."""
-    from datasets import Image
-
-    if isinstance(ds.features[image_column], Image):
-        ds = ds.cast_column(image_column, Image(decode=False))
-    return ds
-
-
 def load_classification_data(
     data_path: str | None,
     image_column: str = "image",
@@ -154,7 +141,7 @@ def load_classification_data(
     if not data_path:
         raise ValueError(f"{argument}: expected a folder of class folders or a datasets id/path, got nothing")
     path = Path(data_path).expanduser()
-    if path.is_dir() and not _is_saved_dataset(path) and not _has_data_files(path) and _class_folders(path):
+    if path.is_dir() and not is_saved_dataset(path) and not _has_data_files(path) and _class_folders(path):
         data = load_image_folder(path, image_column, label_column, class_names, argument)
     else:
         ds = load_datasets_source(data_path, split, config, argument)
@@ -172,7 +159,7 @@ def load_classification_data(
                                  f"training data {list(class_names)[:5]}... ({len(class_names)}); both splits must use "
                                  "the same class ids")
             names = list(class_names)
-        data = ClassificationData(_lazy_images(ds, image_column), names, image_column, label_column, data_path)
+        data = ClassificationData(lazy_images(ds, [image_column]), names, image_column, label_column, data_path)
     if len(data.dataset) == 0:
         raise ValueError(f"{argument}: {data_path!r} has no samples")
     if max_samples is not None and max_samples < len(data.dataset):
@@ -240,7 +227,7 @@ def make_photo_imagefolder(root: str | Path, images_per_class: int = 6, classes:
     The class is "which photograph the crop comes from": a real-image task that needs nothing downloaded, for
     the CPU recipe and the tests.
     """
-    from ..sample_images import PHOTOS, load_photos
+    from ...sample_images import PHOTOS, load_photos
 
     files = {Path(name).stem: name for name in PHOTOS}
     missing = [c for c in classes if c not in files]
@@ -261,4 +248,4 @@ def make_photo_imagefolder(root: str | Path, images_per_class: int = 6, classes:
 
 
 __all__ = ["ClassificationData", "IMAGE_EXTENSIONS", "TINY_CLASSES", "check_image_sizes", "load_classification_data",
-           "load_image_folder", "make_photo_imagefolder", "open_image"]
+           "load_image_folder", "make_photo_imagefolder"]

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from ..dtypes import TORCH_DTYPES
-from ..flops import vision_flops
-from ..patchify import PatchLayout
+from ...dtypes import TORCH_DTYPES
+from ...flops import vision_flops
+from ...patchify import PatchLayout
 from .collator import AptImageClassificationCollator
 from .data import load_classification_data
 from .model import load_classifier, load_image_processor, read_config
@@ -204,7 +204,7 @@ def _label(thresholds: list[float]) -> str:
 
 def write_results(rows: list[dict[str, Any]], output_dir: Path, header: dict[str, Any]) -> dict[str, Path]:
     """results.json (rows), results.md (header + table) and accuracy_vs_speed.png (one point per setting)."""
-    from ..visualization import line_chart
+    from ...visualization import line_chart
 
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / RESULTS_JSON, "md": output_dir / RESULTS_MD, "png": output_dir / PLOT_PNG}

@@ -1,4 +1,4 @@
-"""Load the classifier to fine-tune or evaluate, decide what trains, and group parameters for layer-wise LR decay.
+"""Load the classifier to fine-tune or evaluate, and decide what trains.
 
 A stock `ViTForImageClassification` (or a bare `ViTModel`, which gets a new head) is converted to
 `AptViTForImageClassification` on the fly with the requested APT fields; an APT-ViT checkpoint is loaded as is
@@ -9,15 +9,15 @@ unless `ignore_mismatched_sizes` asks for a new, randomly initialised head.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..image_processing_apt import AptImageProcessingMixin, AptImageProcessorPil
-from ..modeling_apt import AptViTForImageClassification
-from .arguments import CLASSIFICATION_PARTS, parse_trainable
+from ...image_processing_apt import AptImageProcessingMixin, AptImageProcessorPil
+from ...modeling_apt import AptViTForImageClassification
+from ...training.trainable import check_trainable, select_parameters
+from .arguments import parse_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ APT_MODEL_TYPE = "apt_vit"
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model", "apt_clip_vision_model")
 # Parameters without weight decay beyond transformers' biases and norms (MAE / BEiT's no_weight_decay list).
 NO_DECAY_NAMES = ("cls_token", "position_embeddings")
-_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 
 
 def read_config(path: str, trust_remote_code: bool = True, argument: str = "model_name_or_path") -> Any:
@@ -137,79 +136,14 @@ def model_image_size(model: AptViTForImageClassification) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------- trainable parts
 
 
-def parameters_of(model: AptViTForImageClassification, part: str) -> list[torch.nn.Parameter]:
-    """The parameters of one part: apt (merge conv + zero-MLP), embeddings (the pretrained ones), encoder, head."""
-    apt = {id(p) for p in model.apt_parameters()}
-    if part == "apt":
-        return model.apt_parameters()
-    if part == "embeddings":
-        return [p for p in model.vit.embeddings.parameters() if id(p) not in apt]
-    if part == "encoder":
-        return list(model.vit.layers.parameters())
-    if part == "head":
-        return [*model.vit.layernorm.parameters(), *model.classifier.parameters()]
-    raise ValueError(f"trainable: expected parts of {CLASSIFICATION_PARTS}, got {part!r}")
-
-
 def setup_trainable(model: AptViTForImageClassification, trainable: str) -> AptViTForImageClassification:
     """Freeze everything, then unfreeze the `--trainable` parts."""
     parts = parse_trainable(trainable)
     model.requires_grad_(False)
-    for part in parts:
-        for p in parameters_of(model, part):
-            p.requires_grad_(True)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n_train == 0:
-        raise ValueError(f"trainable: {trainable!r} selects no parameters in this model")
-    n_all = sum(p.numel() for p in model.parameters())
-    logger.info("trainable parameters: %s of %s (%.2f%%): %s", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all,
-                ",".join(parts))
+    for p in select_parameters(model, parts).values():
+        p.requires_grad_(True)
+    check_trainable(model, trainable)
     return model
-
-
-# ------------------------------------------------------------------------------------------- layer decay
-
-
-def layer_index(name: str, num_layers: int, apt_names: set[str]) -> int:
-    """Depth of a parameter for layer-wise LR decay, as BEiT / MAE / timm count it.
-
-    0: the pretrained patch, position and class embeddings; i + 1: encoder layer i; num_layers + 1: everything
-    after the encoder (final norm, head) and APT's new layers, which start from scratch (timm likewise gives
-    modules outside its embedding / block groups the full rate).
-    """
-    if name in apt_names:
-        return num_layers + 1
-    match = _LAYER.search(name)
-    if match:
-        return int(match.group(1)) + 1
-    if ".embeddings." in f".{name}" or "pre_layrnorm" in name:
-        return 0
-    return num_layers + 1
-
-
-def layer_decay_groups(model: torch.nn.Module, learning_rate: float, weight_decay: float, layer_decay: float,
-                       decay_names: set[str]) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: one per (depth, weight decay or not), lr = learning_rate * scale.
-
-    scale = layer_decay ** (num_layers + 1 - depth) (see `layer_index`). Each group also records `layer` and
-    `lr_scale`, which torch optimizers keep.
-    """
-    num_layers = int(model.config.num_hidden_layers)
-    apt_names = {n for n, _ in model.named_apt_parameters()} if hasattr(model, "named_apt_parameters") else set()
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        depth = layer_index(name, num_layers, apt_names)
-        decay = name in decay_names
-        if (depth, decay) not in groups:
-            scale = layer_decay ** (num_layers + 1 - depth)
-            groups[(depth, decay)] = {"params": [], "names": [], "lr": learning_rate * scale,
-                                      "weight_decay": weight_decay if decay else 0.0, "layer": depth,
-                                      "lr_scale": scale}
-        groups[(depth, decay)]["params"].append(param)
-        groups[(depth, decay)]["names"].append(name)
-    return [groups[key] for key in sorted(groups)]
 
 
 # ------------------------------------------------------------------------------------------- tiny checkpoint
@@ -229,5 +163,5 @@ def save_tiny_vit(output_dir: str | Path, class_names: list[str], image_size: in
     return Path(output_dir)
 
 
-__all__ = ["layer_decay_groups", "layer_index", "load_classifier", "load_image_processor", "parameters_of",
-           "read_config", "save_tiny_vit", "setup_trainable"]
+__all__ = ["NO_DECAY_NAMES", "load_classifier", "load_image_processor", "model_image_size", "read_config",
+           "save_tiny_vit", "setup_trainable"]

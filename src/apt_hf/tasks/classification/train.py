@@ -9,46 +9,40 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from ..patchify import PatchLayout
-from ..training.checkpoints import check_output_dir, remove_old_checkpoints
-from ..training.report import save_loss_curve
-from ..training.train import AptLlavaTrainer, _setup_logging, push_outputs, resolve_resume, take_hub_settings
-from .arguments import CLASSIFICATION_PARTS, ClassificationDataArguments, ClassificationModelArguments, parse_args
-from .collator import BROKEN, AptImageClassificationCollator
+from ...patchify import PatchLayout
+from ...training.checkpoints import prepare_output_dir
+from ...training.hub import pop_hub_settings, push_outputs
+from ...training.report import parts_summary, tokens_kept
+from ...training.run import configure_training_args, save_run_state, setup_logging
+from ...training.trainer import AptTrainer
+from .arguments import SCRIPT, ClassificationDataArguments, ClassificationModelArguments, parse_args
+from .collator import AptImageClassificationCollator
 from .data import ClassificationData, check_image_sizes, load_classification_data, make_photo_imagefolder
 from .model import (
     NO_DECAY_NAMES,
-    layer_decay_groups,
     load_classifier,
     load_image_processor,
     model_image_size,
-    parameters_of,
     save_tiny_vit,
     setup_trainable,
 )
 
-logger = logging.getLogger("apt_hf.classification")
+logger = logging.getLogger(__name__)
 
 TOP_K = 5
 
 
-class AptImageClassificationTrainer(AptLlavaTrainer):
-    """Trainer with layer-wise LR decay and the broken-image count in every log (kept across resumes).
+class AptImageClassificationTrainer(AptTrainer):
+    """`AptTrainer` (broken-image counts, layer decay) that evaluates without the training augmentation and keeps
+    weight decay off the class token and position embeddings."""
 
-    The count travels inside each batch and is summed by the `DropCounts` callback, as in LLaVA training; layer
-    decay is a set of optimizer parameter groups (`layer_decay_groups`) built in `create_optimizer`.
-    """
-
-    def __init__(self, *args: Any, layer_decay: float | None = None, eval_data_collator: Any = None,
-                 **kwargs: Any) -> None:
-        self.layer_decay = layer_decay
+    def __init__(self, *args: Any, eval_data_collator: Any = None, **kwargs: Any) -> None:
         self.eval_data_collator = eval_data_collator  # evaluation batches without the training augmentation
         super().__init__(*args, **kwargs)
 
@@ -64,24 +58,6 @@ class AptImageClassificationTrainer(AptLlavaTrainer):
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         """transformers' choice (no decay on biases and norms) minus the class token and position embeddings."""
         return [n for n in super().get_decay_parameter_names(model) if not any(k in n for k in NO_DECAY_NAMES)]
-
-    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.layer_decay is None or self.optimizer is not None:
-            return super().create_optimizer(model)
-        opt_model = self.model if model is None else model
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        special = sorted({"params", "model", "optimizer_dict"} & set(optimizer_kwargs))
-        if special or not isinstance(optimizer_cls, type) or not issubclass(optimizer_cls, torch.optim.Optimizer):
-            raise ValueError(f"layer_decay: needs an optimizer that takes parameter groups (e.g. --optim adamw_torch), "
-                             f"got --optim {self.args.optim}")
-        groups = layer_decay_groups(opt_model, self.args.learning_rate, self.args.weight_decay, self.layer_decay,
-                                    set(self.get_decay_parameter_names(opt_model)))
-        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        logs[BROKEN] = self.drop_counts.sync()[BROKEN]  # every Trainer.log call site runs on all ranks
-        Trainer.log(self, logs, start_time)
 
 
 def top_k_indices(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -120,35 +96,22 @@ def run_summary(train: ClassificationData, eval_data: ClassificationData | None,
     kept = ""
     try:
         batch = AptImageClassificationCollator(processor, train.image_column, train.label_column)(rows)
-        layout = PatchLayout.from_inputs(batch)
-        tokens, grid = layout.tokens_per_image.float().mean(), layout.image_grid_hw.prod(-1).float().mean()
-        kept = f"; tokens kept {tokens:.0f} of {grid:.0f} ({100 * tokens / grid:.0f}%, first {len(rows)} images)"
+        kept = tokens_kept(PatchLayout.from_inputs(batch))
     except ValueError:
         pass  # every probed image broken: the training run reports it
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    parts = []
-    for part in CLASSIFICATION_PARTS:
-        params = parameters_of(model, part)
-        count = sum(p.numel() for p in params if id(p) in trainable)
-        parts.append(f"{part} {count / 1e6:.2f}M / {sum(p.numel() for p in params) / 1e6:.2f}M")
     return (f"training {len(train)} images in {len(train.class_names)} classes"
             + (f", evaluating on {len(eval_data)}" if eval_data is not None else "")
             + f"; {'stock ViT converted to APT on the fly' if converted else 'APT-ViT checkpoint'} (thresholds "
             f"{model.config.thresholds}, S={model.config.num_scales}){kept}; layer decay "
-            f"{layer_decay if layer_decay is not None else 'off'}; trainable: " + ", ".join(parts))
+            f"{layer_decay if layer_decay is not None else 'off'}; trainable: " + parts_summary(model))
 
 
 def main(argv: list[str] | None = None) -> Trainer:
     """Parse, validate, load, train, save; returns the Trainer (tests read its state)."""
     model_args, apt_args, data_args, training_args = parse_args(argv)
-    hub = take_hub_settings(training_args, SimpleNamespace(lora_r=0, merge_lora=False))  # first: no pickled token
-    _setup_logging(training_args)
-    training_args.remove_unused_columns = False  # the collator reads the raw image / label columns
-    training_args.restore_callback_states_from_checkpoint = True  # broken_images continues on resume
-    if training_args.ddp_find_unused_parameters is None:
-        training_args.ddp_find_unused_parameters = True  # APT's layers get no gradient when nothing merges
-    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    hub = pop_hub_settings(training_args)  # first: nothing may pickle the token
+    setup_logging(training_args)
+    configure_training_args(training_args)
     if model_args.tiny_demo:
         prepare_tiny_demo(model_args, data_args, training_args)
 
@@ -163,10 +126,7 @@ def main(argv: list[str] | None = None) -> Trainer:
             data_args.dataset_config, data_args.max_eval_samples, seed, class_names=train.class_names,
             argument="eval_data_path")
     logger.info("training images: %d in %d classes from %s", len(train), len(train.class_names), data_args.data_path)
-    resume = resolve_resume(training_args)
-    check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, resuming=resume is not None)
-    if model_args.overwrite_output_dir and resume is None and training_args.process_index == 0:
-        remove_old_checkpoints(training_args.output_dir)
+    resume = prepare_output_dir(training_args, model_args.overwrite_output_dir)
 
     set_seed(training_args.seed)  # APT's merge conv is randomly initialised at conversion: make it reproducible
     model, converted = load_classifier(
@@ -205,15 +165,10 @@ def main(argv: list[str] | None = None) -> Trainer:
 
 def save_outputs(trainer: Trainer, processor: Any) -> None:
     """Final model + processor (loadable with trust_remote_code), trainer_state.json and loss_curve.png."""
-    output_dir = Path(trainer.args.output_dir)
-    trainer.save_model(str(output_dir))
+    trainer.save_model(trainer.args.output_dir)
+    save_run_state(trainer, processor, SCRIPT)
     if trainer.is_world_process_zero():
-        processor.save_pretrained(output_dir)
-        trainer.save_state()
-        curve = save_loss_curve(trainer.state.log_history, output_dir, title="finetune_vit.py")
-        if curve is not None:
-            print(f"loss curve: {curve}", flush=True)
-        logger.info("saved the model to %s", output_dir)
+        logger.info("saved the model to %s", trainer.args.output_dir)
     trainer.accelerator.wait_for_everyone()
 
 

@@ -26,7 +26,7 @@ def finish_adapter(adapter_dir: str | Path, base_model: str, converted: bool, pr
 
     Returns the base's path or id.
     """
-    from ..modeling_apt_llava import AptLlavaForConditionalGeneration
+    from ...modeling_apt_llava import AptLlavaForConditionalGeneration
 
     adapter_dir = Path(adapter_dir).resolve()
     if converted:

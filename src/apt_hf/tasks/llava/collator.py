@@ -19,39 +19,16 @@ from typing import Any
 import torch
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .data import image_refs, normalize_messages, open_image
+from ...training.collator import BROKEN_IMAGES, ImageCollator
+from .data import image_refs, normalize_messages
 
 IGNORE_INDEX = -100
-COUNT_KEYS = ("broken_images", "skipped_too_long")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 logger = logging.getLogger(__name__)
 
 
-class BrokenBatchFallback:
-    """Good samples of earlier batches, reused when every sample of a batch is broken.
-
-    The step then still runs (and multi-process training stays in lockstep); only the first batch has nothing to
-    fall back on, which raises `first_batch_error`.
-    """
-
-    def __init__(self, max_size: int, first_batch_error: str) -> None:
-        self.max_size, self.first_batch_error = max_size, first_batch_error
-        self._kept: list[Any] = []
-
-    def __call__(self, examples: list[Any], wanted: int) -> list[Any]:
-        """`examples` (the batch's good samples), remembered; or earlier ones when there are none."""
-        if examples:
-            self._kept = (examples + self._kept)[: self.max_size]
-            return examples
-        if not self._kept:
-            raise ValueError(self.first_batch_error)
-        logger.warning("every sample of a batch was broken; reusing %d earlier sample(s)",
-                       min(wanted, len(self._kept)))
-        return self._kept[:wanted]
-
-
-class AptLlavaDataCollator:
+class AptLlavaDataCollator(ImageCollator):
     """Turn rows of `load_training_dataset` into `AptLlavaForConditionalGeneration` inputs with labels.
 
     Output keys: input_ids and labels, and when the batch has images the packed image keys of `AptLlavaProcessor`
@@ -60,17 +37,19 @@ class AptLlavaDataCollator:
     restart at every sample, no attention mask and `use_cache=False`, the path on which transformers' attention
     (sdpa, eager, flex, flash) finds the sample boundaries from the positions, as `DataCollatorWithFlattening`
     does; the first label of every sample is ignored so that no sample predicts the next one. Otherwise
-    right-padded (B, L) rows with an attention mask.
+    right-padded (B, L) rows with an attention mask. With `report_counts`, each batch also carries its
+    `broken_images` and `skipped_too_long` (samples whose image tokens `max_length` would cut).
     """
+
+    count_keys = (BROKEN_IMAGES, "skipped_too_long")
 
     def __init__(self, processor: Any, max_length: int = 2048, image_folder: str | None = None,
                  append_eos: bool = True, max_fallback: int = 64, report_counts: bool = False,
                  padding_free: bool = False) -> None:
+        super().__init__("images: every sample of the first batch has an image that cannot be opened; check "
+                         "--image_folder and the data's image paths", image_folder, report_counts, max_fallback)
         self.processor = processor
         self.padding_free = padding_free
-        # DataLoader workers run copies of this object, so their counters never reach the main process; with
-        # report_counts each batch carries its own counts (COUNT_KEYS), which AptLlavaTrainer pops and sums.
-        self.report_counts = report_counts
         self.tokenizer = processor.tokenizer
         self.chat_template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         if not self.chat_template:
@@ -80,16 +59,11 @@ class AptLlavaDataCollator:
         self.image_token = processor.image_token
         self.image_token_id = processor.image_token_id
         self.max_length = max_length
-        self.image_folder = image_folder
         self.append_eos = append_eos and self.tokenizer.eos_token is not None
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.tokenizer.eos_token_id
-        self.broken_images = 0
         self.skipped_too_long = 0
-        self._fallback = BrokenBatchFallback(
-            max_fallback, "images: every sample of the first batch has an image that cannot be opened; check "
-            "--image_folder and the data's image paths")
 
     # ------------------------------------------------------------------------------------- text
 
@@ -154,19 +128,6 @@ class AptLlavaDataCollator:
 
     # ------------------------------------------------------------------------------------- images
 
-    def _open_images(self, refs: list[Any], name: str) -> list[Any] | None:
-        images = []
-        for ref in refs:
-            try:
-                images.append(open_image(ref, self.image_folder))
-            except Exception as err:  # any decoder error: skip the sample, never the run
-                self.broken_images += 1
-                where = ref if isinstance(ref, str) else (ref.get("path") if isinstance(ref, dict) else "<image>")
-                logger.warning("skipping sample %s: image %r could not be opened (%s: %s); broken_images=%d",
-                               name, where, type(err).__name__, err, self.broken_images)
-                return None
-        return images
-
     def _image_token_counts(self, image_inputs: dict[str, Any]) -> list[int]:
         if hasattr(self.processor, "image_token_counts"):
             return self.processor.image_token_counts(image_inputs)
@@ -177,22 +138,18 @@ class AptLlavaDataCollator:
     def _examples(self, features: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], list[Any]]]:
         examples = []
         for i, row in enumerate(features):
-            name = repr(str(row.get("id", f"#{i} of the batch")))
-            images = self._open_images(image_refs(row), name)
-            if images is None:
-                continue
-            examples.append((normalize_messages(row), images))
-        return self._fallback(examples, len(features))
+            name = f"sample {str(row.get('id', f'#{i} of the batch'))!r}"
+            images = []
+            for ref in image_refs(row):
+                image = self.try_open(ref, name)
+                if image is None:  # the sample is dropped at its first broken image
+                    break
+                images.append(image)
+            else:
+                examples.append((normalize_messages(row), images))
+        return self.fallback(examples, len(features))
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        broken, too_long = self.broken_images, self.skipped_too_long
-        batch = self._collate(features)
-        if self.report_counts:
-            batch[COUNT_KEYS[0]] = torch.tensor(self.broken_images - broken)
-            batch[COUNT_KEYS[1]] = torch.tensor(self.skipped_too_long - too_long)
-        return batch
-
-    def _collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         examples = self._examples(features)
         images = [image for _, sample_images in examples for image in sample_images]
         image_inputs: dict[str, Any] = {}
@@ -275,7 +232,7 @@ class AptLlavaDataCollator:
 
 def _take_images(image_inputs: dict[str, Any], keep: list[int]) -> dict[str, Any]:
     """The packed image keys restricted to images `keep` (samples dropped for length lose their images)."""
-    from ..patchify import PatchLayout, select_images
+    from ...patchify import PatchLayout, select_images
 
     layout = PatchLayout.from_inputs(image_inputs)
     if layout is None:

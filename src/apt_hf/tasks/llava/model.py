@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..loading import STOCK_MODEL_TYPE, load_apt_llava
-from ..modeling_apt_llava import AptLlavaForConditionalGeneration
-from .arguments import AptArguments, ModelArguments, parse_trainable
+from ...loading import STOCK_MODEL_TYPE, load_apt_llava
+from ...modeling_apt_llava import AptLlavaForConditionalGeneration
+from ...training.arguments import AptArguments
+from ...training.trainable import check_trainable, parse_parts, select_parameters
+from .arguments import TRAINABLE_PARTS, ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +105,9 @@ def load_model_and_processor(
 # ------------------------------------------------------------------------------------------- trainable parts
 
 
-def _module_names(model: Any, params: list[torch.nn.Parameter]) -> list[str]:
-    """Names of the modules that directly own `params` (what PEFT's modules_to_save expects)."""
-    wanted = {id(p) for p in params}
-    names = {name.rsplit(".", 1)[0] for name, p in model.named_parameters() if id(p) in wanted}
+def _module_names(param_names: list[str]) -> list[str]:
+    """Names of the modules that directly own the named parameters (what PEFT's modules_to_save expects)."""
+    names = {name.rsplit(".", 1)[0] for name in param_names}
     # Drop names nested inside another selected module: PEFT must not wrap a module twice.
     return sorted(n for n in names if not any(n.startswith(o + ".") for o in names if o != n))
 
@@ -115,13 +117,7 @@ def lora_target_regex(target_modules: str) -> str:
     names = [n.strip() for n in target_modules.split(",") if n.strip()]
     if not names:
         raise ValueError(f"lora_target_modules: expected a comma list of layer names, got {target_modules!r}")
-    return rf"(.*\.)?language_model\..*\.({'|'.join(map(_re_escape, names))})"
-
-
-def _re_escape(name: str) -> str:
-    import re
-
-    return re.escape(name)
+    return rf"(.*\.)?language_model\..*\.({'|'.join(map(re.escape, names))})"
 
 
 def setup_trainable(model: Any, model_args: ModelArguments, upcast: bool) -> Any:
@@ -130,31 +126,26 @@ def setup_trainable(model: Any, model_args: ModelArguments, upcast: bool) -> Any
     With `upcast`, trainable parameters are float32 (autocast computes in bf16/fp16): APT's learning rate
     (2e-6) is far below bfloat16's resolution for weights near 1e-2, so bf16 master weights would not move.
     """
-    parts = parse_trainable(model_args.trainable)
+    parts = parse_parts(model_args.trainable, TRAINABLE_PARTS)
     model.requires_grad_(False)
-    trainable = [p for part in parts for p in model.parameters_of(part)]
+    trainable = select_parameters(model, parts)
     if model_args.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        save_modules = _module_names(model, trainable)
+        save_modules = _module_names(list(trainable))
         config = LoraConfig(
             r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
             target_modules=lora_target_regex(model_args.lora_target_modules), modules_to_save=save_modules or None,
         )
         model = get_peft_model(model, config)
     else:
-        for p in trainable:
+        for p in trainable.values():
             p.requires_grad_(True)
     if upcast:
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    if n_train == 0:
-        raise ValueError(f"trainable: {model_args.trainable!r} selects no parameters in this model")
-    logger.info("trainable parameters: %s of %s (%.4f%%): %s%s", f"{n_train:,}", f"{n_all:,}",
-                100 * n_train / n_all, ",".join(parts), f" + LoRA r={model_args.lora_r}" if model_args.lora_r else "")
+    check_trainable(model, model_args.trainable, f" + LoRA r={model_args.lora_r}" if model_args.lora_r else "")
     return model
 
 
