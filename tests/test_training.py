@@ -575,7 +575,7 @@ def test_eval_split_summary_and_loss_curve(work: dict[str, Path], capsys: pytest
     assert "visual tokens kept" in summary and "apt 0." in summary and "language_model 0.00M" in summary
     with Image.open(out / "loss_curve.png") as png:
         assert png.size == (720, 420)
-        assert len(set(png.convert("RGB").getdata())) > 3  # axes, two curves, text: not a blank picture
+        assert len(set(png.convert("RGB").getdata())) > 50  # axes, two curves, text: not a blank picture
     with pytest.raises(ValueError, match="eval_strategy: 'steps' needs evaluation data; pass --eval_data_path"):
         main(base_flags(work, work["root"] / "never", "--eval_strategy", "steps"))
 

@@ -36,6 +36,20 @@ def test_wheel_holds_every_module_and_the_model_card_templates(tmp_path):
                if "__pycache__" not in p.parts}
     assert modules <= names, sorted(modules - names)
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    # library code only: the experiments and runners (benchmarks, the GPU check, reproduce_mini) stay outside
+    packages = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert packages == {"apt_hf"}, packages
+    runners = ("benchmark", "gpu_check", "reproduce_mini", "correctness", "experiments")
+    assert not [n for n in names if any(word in n for word in runners)]
+
+
+def test_the_library_exposes_no_runner():
+    """`apt_hf` and its subpackages hold library code; test-model builders are `apt_hf.testing`."""
+    import pkgutil
+
+    modules = {m.name for m in pkgutil.walk_packages(apt_hf.__path__, "apt_hf.")}
+    assert "apt_hf.testing" in modules and {"apt_hf.training", "apt_hf.tasks.llava"} <= modules
+    assert not [m for m in modules if any(word in m for word in ("benchmark", "gpu_check", "reproduce", "tiny"))]
 
 
 def test_templates_are_read_from_the_package():

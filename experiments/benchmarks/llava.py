@@ -36,7 +36,7 @@ from apt_hf.sample_images import load_photos
 from apt_hf.testing import build_tiny_llava, tiny_vision_config
 
 from .results import row, write_json
-from .timing import machine, peak_memory, timed
+from .timing import add_clock_arguments, apply_clock_arguments, machine, peak_memory, timed
 
 PRESETS = {  # (hidden, layers, heads, mlp) of the tower and of the language model
     "tiny": {"vision": (32, 2, 4, 128), "text": (64, 2, 4, 128)},
@@ -67,13 +67,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="padding-free (default): each batch flattened into one row; padded: as the processor "
                              "pads it")
     parser.add_argument("--skip_generation", action="store_true")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall-clock time, or this process's CPU time (robust on a busy machine; CPU only)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_clock_arguments(parser)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file (for gpu_check)")
     args = parser.parse_args(argv)
-    if args.clock == "cpu" and args.device != "cpu":
-        parser.error("--clock cpu: only meaningful with --device cpu")
+    apply_clock_arguments(parser, args)
     if args.repeats < 1 or args.num_images < 1 or args.max_new_tokens < 1:
         parser.error("--repeats, --num_images and --max_new_tokens: expected >= 1")
     bad = [b for b in args.batch_size if b < 1 or args.num_images % b]
@@ -125,8 +122,6 @@ def attention_lengths(kwargs: dict[str, Any]) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     padding_free = args.prefill == "padding-free"
     stock, stock_processor = build_stock_llava(args.preset, args.device, args.dtype)
     stock.set_attn_implementation(args.attn_implementation)

@@ -28,7 +28,7 @@ from PIL import Image
 from apt_hf.patchify import compute_layout, pack_base_patches, recover_uint8
 from apt_hf.sample_images import PHOTOS, load_photos
 
-from .timing import timed
+from .timing import add_clock_arguments, apply_clock_arguments, timed
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -49,10 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--thresholds", type=float, nargs="*", default=[5.75])
     parser.add_argument("--scorer", default="entropy")
     parser.add_argument("--entropy_bins", type=int, default=512)
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall-clock time, or this process's CPU time (robust on a busy machine)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1, as in DataLoader workers; the PIL path is single-threaded)")
+    add_clock_arguments(parser, threads=1)  # 1, as in DataLoader workers; the PIL path is single-threaded
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats: expected >= 1, got {args.repeats}")
@@ -61,6 +58,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.device != "cpu" and args.backend != "torchvision":
         parser.error(f"--device {args.device}: only the torchvision backend preprocesses off the CPU; "
                      "add --backend torchvision")
+    apply_clock_arguments(parser, args)
     return args
 
 
@@ -104,7 +102,6 @@ def batched(items: Sequence[Any], batch_size: int) -> list[list[Any]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     apt, stock, stock_name, base = build_processors(args)
     photos = list(load_photos(PHOTOS).values())
     batches = batched(photos, args.batch_size)

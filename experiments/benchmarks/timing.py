@@ -1,5 +1,6 @@
 """Timing and memory helpers shared by the benchmarks (one clock, CUDA-synchronised)."""
 
+import argparse
 import os
 import platform
 import time
@@ -40,3 +41,19 @@ def machine(device: str) -> str:
         return torch.cuda.get_device_name()
     return (f"{platform.machine()} x{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, load average "
             f"{os.getloadavg()[0]:.1f}")
+
+
+def add_clock_arguments(parser: argparse.ArgumentParser, threads: int | None = None) -> None:
+    """--clock (wall or this process's CPU time) and --threads, as every suite takes them."""
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall-clock time, or this process's CPU time (robust on a busy machine; CPU only)")
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=f"torch intra-op threads on CPU (default: {threads or 'all'})")
+
+
+def apply_clock_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse --clock cpu off the CPU; set --threads."""
+    if args.clock == "cpu" and getattr(args, "device", "cpu") != "cpu":
+        parser.error("--clock cpu: only meaningful with --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)

@@ -36,7 +36,7 @@ from apt_hf.tasks.llava.model import setup_trainable
 
 from .llava import PRESETS, attention_lengths, build_stock_llava
 from .results import row, write_json
-from .timing import machine, peak_memory, timed
+from .timing import add_clock_arguments, apply_clock_arguments, machine, peak_memory, timed
 
 QUESTION = "<image>\nDescribe the image in one sentence."
 ANSWER = "A photograph with a few distinct regions, some of them plain and some full of detail."
@@ -58,8 +58,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="dtype of the frozen weights (trained ones stay float32)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
-    parser.add_argument("--threads", type=int, default=None)
+    add_clock_arguments(parser)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file (for gpu_check)")
     parser.add_argument("--parts", action="store_true",
                         help="also time the padding-free steps' parts: the vision tower (forward + backward) alone, "
@@ -68,8 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.repeats < 1 or not 1 <= args.batch_size <= 10:
         parser.error(f"--repeats >= 1 and --batch_size 1..10 (the bundled photographs) expected, got {args.repeats} "
                      f"and {args.batch_size}")
-    if args.clock == "cpu" and args.device != "cpu":
-        parser.error("--clock cpu: only meaningful with --device cpu")
+    apply_clock_arguments(parser, args)
     args.dtype = getattr(torch, args.dtype)
     return args
 
@@ -144,8 +142,6 @@ def _print_parts(runs: dict[str, TrainStep], times: dict[str, list[float]], args
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     stock, stock_processor = build_stock_llava(args.preset, args.device, args.dtype)
     stock.set_attn_implementation(args.attn_implementation)
     photos = list(load_photos().values())[: args.batch_size]

@@ -30,7 +30,7 @@ from apt_hf.flops import vision_flops
 from apt_hf.patchify import PatchLayout, unpack_base_patches
 from apt_hf.sample_images import PHOTOS, load_photos
 
-from .timing import machine, timed
+from .timing import add_clock_arguments, apply_clock_arguments, machine, timed
 from .vision import SIZES
 
 
@@ -48,14 +48,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="autocast dtype for the forward / backward (weights and AdamW stay float32)")
     parser.add_argument("--attn", nargs="*", default=None,
                         help="attention implementations to time APT with (default: the model's default)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: all)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall-clock time, or this process's CPU time (robust on a busy machine; CPU only)")
+    add_clock_arguments(parser)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         parser.error("--steps and --batch: expected >= 1")
-    if args.clock == "cpu" and args.device != "cpu":
-        parser.error("--clock cpu: only meaningful with --device cpu")
+    apply_clock_arguments(parser, args)
     return args
 
 
@@ -94,8 +91,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     from apt_hf.modeling_apt import AptViTForImageClassification
 
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     num_scales = len(args.thresholds) + 1
     hidden, layers, heads, mlp = SIZES[args.size]
     config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,

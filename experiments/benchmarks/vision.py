@@ -35,7 +35,7 @@ from apt_hf.patchify import PatchLayout, unpack_base_patches
 from apt_hf.sample_images import PHOTOS, load_photos
 
 from .results import row, write_json
-from .timing import machine, peak_memory, timed
+from .timing import add_clock_arguments, apply_clock_arguments, machine, peak_memory, timed
 
 SIZES = {  # hidden, layers, heads, mlp
     "tiny": (192, 12, 3, 768),
@@ -65,15 +65,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--thresholds", type=float, nargs="*", default=[5.5])
     parser.add_argument("--scorer", default="entropy")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: all)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall-clock time, or this process's CPU time (robust on a busy machine; CPU only)")
+    add_clock_arguments(parser)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file (for gpu_check)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.batch < 1:
         parser.error("--repeats and --batch: expected >= 1")
-    if args.clock == "cpu" and args.device != "cpu":
-        parser.error("--clock cpu: only meaningful with --device cpu")
+    apply_clock_arguments(parser, args)
     return args
 
 
@@ -141,8 +138,6 @@ def available_attn_implementations(model: torch.nn.Module, candidates: Sequence[
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     stock, apt, config = build_models(args)
     patch, image_size = int(config.patch_size), int(config.image_size)
     merged = packed_inputs(args, args.thresholds, image_size, patch)

@@ -180,56 +180,6 @@ def split_layout(batch: Any) -> list[tuple[list[int], list[list[int]]]]:
     return [(s.tolist(), p.tolist()) for s, p in zip(scales, positions, strict=True)]
 
 
-def line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, x_label: str, y_label: str,
-               size: tuple[int, int] = (720, 420),
-               point_labels: dict[str, Sequence[str]] | None = None) -> Image.Image:
-    """A small line chart (PIL only): one polyline per named series of (x, y) points, axes with min / max labels.
-
-    `point_labels`: per series, one text per point (in the series' order), written beside each point.
-    """
-    points = [p for values in series.values() for p in values]
-    if not points:
-        raise ValueError("series: expected at least one (x, y) point, got none")
-    width, height = size
-    left, right, top, bottom = 70, 20, 40, 50
-    xs, ys = [x for x, _ in points], [y for _, y in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    out = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(out)
-    font = _font(14)
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
-
-    draw.rectangle((left, top, width - right, height - bottom), outline=(120, 120, 120))
-    draw.text((left, 10), title, fill=(0, 0, 0), font=font)
-    draw.text((width // 2 - 30, height - 22), x_label, fill=(0, 0, 0), font=font)
-    draw.text((6, top), f"{y1:.3g}", fill=(0, 0, 0), font=font)
-    draw.text((6, height - bottom - 14), f"{y0:.3g}", fill=(0, 0, 0), font=font)
-    draw.text((6, (top + height - bottom) // 2), y_label, fill=(0, 0, 0), font=font)
-    draw.text((left, height - bottom + 4), f"{x0:.3g}", fill=(0, 0, 0), font=font)
-    draw.text((width - right - 40, height - bottom + 4), f"{x1:.3g}", fill=(0, 0, 0), font=font)
-    colours = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
-    for i, (name, values) in enumerate(series.items()):
-        colour = colours[i % len(colours)]
-        labels = list((point_labels or {}).get(name, [""] * len(values)))
-        if len(labels) != len(values):
-            raise ValueError(f"point_labels: expected {len(values)} labels for series {name!r}, got {len(labels)}")
-        placed = sorted(zip(values, labels, strict=True))
-        line = [at(x, y) for (x, y), _ in placed]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        for (x, y), (_, text) in zip(line, placed, strict=True):
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-            if text:
-                draw.text((min(x + 5, width - right - 8 * len(text)), max(y - 18, top + 2)), text, fill=colour,
-                          font=_font(12))
-        draw.text((width - right - 160, top + 6 + 18 * i), name, fill=colour, font=font)
-    return out
-
-
 # Dark blue -> teal -> yellow, as common perceptual colour maps run from low to high.
 HEAT_COLOURS = ((48, 18, 59), (40, 120, 190), (30, 180, 150), (160, 220, 60), (250, 230, 40))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..patchify import PatchLayout
+from ..plots import save_line_chart
 from .trainable import declared, select_parameters
 
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -31,17 +32,13 @@ def tokens_kept(layout: PatchLayout, what: str = "tokens") -> str:
 
 def save_loss_curve(log_history: list[dict[str, Any]], output_dir: str | Path, title: str) -> Path | None:
     """loss (and eval_loss) against step, as a PNG in `output_dir` titled `title` (the script); None when nothing
-    was logged."""
-    from ..visualization import line_chart
-
+    was logged or matplotlib is missing (a log line then says how to get it)."""
     series = {name: [(float(e["step"]), float(e[key])) for e in log_history if key in e and "step" in e]
               for name, key in (("train loss", "loss"), ("eval loss", "eval_loss"))}
     series = {name: points for name, points in series.items() if points}
     if not series:
         return None
-    path = Path(output_dir) / LOSS_CURVE_FILE
-    line_chart(series, title, "step", "loss").save(path)
-    return path
+    return save_line_chart(Path(output_dir) / LOSS_CURVE_FILE, series, title, "step", "loss")
 
 
 __all__ = ["LOSS_CURVE_FILE", "parts_summary", "save_loss_curve", "tokens_kept"]

@@ -29,6 +29,7 @@ import torch
 from ...dtypes import TORCH_DTYPES
 from ...flops import vision_flops
 from ...patchify import PatchLayout
+from ...plots import save_line_chart
 from .collator import AptImageClassificationCollator
 from .data import load_classification_data
 from .model import load_classifier, load_image_processor, read_config
@@ -203,9 +204,8 @@ def _label(thresholds: list[float]) -> str:
 
 
 def write_results(rows: list[dict[str, Any]], output_dir: Path, header: dict[str, Any]) -> dict[str, Path]:
-    """results.json (rows), results.md (header + table) and accuracy_vs_speed.png (one point per setting)."""
-    from ...visualization import line_chart
-
+    """results.json (rows), results.md (header + table) and accuracy_vs_speed.png (one point per setting; only with
+    matplotlib, the plot extra)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / RESULTS_JSON, "md": output_dir / RESULTS_MD, "png": output_dir / PLOT_PNG}
     paths["json"].write_text(json.dumps(rows, indent=2))
@@ -227,7 +227,8 @@ def write_results(rows: list[dict[str, Any]], output_dir: Path, header: dict[str
               "top-5": [(r["images_per_second"], 100 * r["top5"]) for r in rows]}
     title = f"{Path(header['model']).name}: accuracy vs images/s ({len(rows)} threshold settings)"
     labels = {"top-1": [_label(r["thresholds"]).split(" ")[0] for r in rows]}
-    line_chart(series, title, "images / s", "accuracy %", point_labels=labels).save(paths["png"])
+    if save_line_chart(paths["png"], series, title, "images / s", "accuracy %", point_labels=labels) is None:
+        del paths["png"]
     return paths
 
 
