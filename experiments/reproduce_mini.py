@@ -44,7 +44,8 @@ from transformers import ViTConfig, ViTForImageClassification, get_cosine_schedu
 
 from apt_hf.flops import vision_flops
 from apt_hf.image_processing_apt import AptImageProcessorPil
-from apt_hf.modeling_apt import AptPatchEmbeddings, AptViTForImageClassification
+from apt_hf.modeling_apt import AptPatchEmbeddings
+from apt_hf.modeling_apt_vit import AptViTForImageClassification
 from apt_hf.patchify import PatchLayout, select_images, uniform_layout, unpack_base_patches
 from apt_hf.sample_images import load_photos
 

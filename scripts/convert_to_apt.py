@@ -1,22 +1,22 @@
-"""Convert a CLIP, ViT or LLaVA-1.5 checkpoint to APT: weights (safetensors), config, processor, remote code.
+"""Convert a CLIP, SigLIP, ViT or LLaVA-1.5 checkpoint to APT: weights (safetensors), config, processor, remote code.
 
     python scripts/convert_to_apt.py --model openai/clip-vit-large-patch14-336 --output_dir apt-clip-vit-l-336
     python scripts/convert_to_apt.py --model google/vit-base-patch16-224 --output_dir apt-vit-b16-224 \\
         --num_scales 3 --thresholds 5.5 4.0
     python scripts/convert_to_apt.py --model llava-hf/llava-1.5-7b-hf --output_dir apt-llava-1.5-7b \\
         --vision_feature_layout packed
-    python scripts/convert_to_apt.py --model openai/clip-vit-base-patch16 --output_dir apt-clip-b16 --full_clip
+    python scripts/convert_to_apt.py --model openai/clip-vit-base-patch16 --output_dir apt-clip-b16 --full_model
+    python scripts/convert_to_apt.py --model google/siglip-so400m-patch14-384 --output_dir apt-siglip --full_model
 
-CLIP checkpoints (full CLIPModel or vision tower) give an AptCLIPVisionModel (the vision tower); with
---full_clip, a full CLIPModel gives an AptCLIPModel (text tower kept, for zero-shot classification) saved with
-its tokenizer and APT image processor as a CLIPProcessor, so that
-`pipeline("zero-shot-image-classification", model=output_dir, trust_remote_code=True)` runs it; ViT
-checkpoints give an AptViTForImageClassification when they have a classifier, else an AptViTModel; LLaVA
-checkpoints give an AptLlavaForConditionalGeneration with an AptLlavaProcessor (chat template kept). Every
-pretrained weight is kept; APT adds a merge conv and a zero-initialised MLP, so the converted model reproduces
-the stock one wherever nothing is merged. The output folder loads with `AutoModel` /
-`AutoModelForImageClassification` / `AutoImageProcessor` (LLaVA: `AutoModelForImageTextToText` / `AutoProcessor`;
-full CLIP: `AutoModelForZeroShotImageClassification` / `AutoProcessor`) and `trust_remote_code=True`, or directly after
+The model family comes from the checkpoint (apt_hf.families; `apt_hf.convert` does the conversion). A full CLIP or
+SigLIP checkpoint gives its vision tower (AptCLIPVisionModel / AptSiglipVisionModel) by default; with --full_model
+(alias --full_clip) the whole model, text tower kept, for zero-shot classification (AptCLIPModel / AptSiglipModel),
+saved with its tokenizer and APT image processor as a CLIPProcessor / SiglipProcessor, so that
+`pipeline("zero-shot-image-classification", model=output_dir, trust_remote_code=True)` runs it. ViT checkpoints give
+an AptViTForImageClassification when they have a classifier, else an AptViTModel; LLaVA checkpoints give an
+AptLlavaForConditionalGeneration with an AptLlavaProcessor (chat template kept). Every pretrained weight is kept;
+APT adds a merge conv and a zero-initialised MLP, so the converted model reproduces the stock one wherever nothing
+is merged. The output folder loads with the Auto classes and `trust_remote_code=True`, or directly after
 `import apt_hf`.
 """
 
@@ -28,17 +28,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoTokenizer, CLIPProcessor
+from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging
 
 from apt_hf.configuration_apt import VISION_FEATURE_LAYOUTS
+from apt_hf.conversion import apt_class_for, convert_to
 from apt_hf.dtypes import DTYPES
+from apt_hf.families import family_of, is_composite, model_classes
 from apt_hf.image_processing_apt import AptImageProcessorPil
-from apt_hf.modeling_apt import AptCLIPVisionModel, AptViTForImageClassification, AptViTModel
-from apt_hf.modeling_apt_clip import AptCLIPModel
-from apt_hf.modeling_apt_llava import AptLlavaForConditionalGeneration
 from apt_hf.patchify import SCORERS, default_thresholds
 from apt_hf.processing_apt_llava import AptLlavaProcessor
+
+# Stock checkpoints that hold image and text towers: by default their vision tower converts, with --full_model all.
+FULL_MODEL_TYPES = ("clip", "siglip")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -54,9 +56,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(LLaVA-1.5: 5.75), 5.5 4.0 for S=3)")
     parser.add_argument("--vision_feature_layout", choices=VISION_FEATURE_LAYOUTS, default="packed",
                         help="LLaVA only: packed (fewer tokens for the language model) or grid (stock counts)")
-    parser.add_argument("--full_clip", action="store_true",
-                        help="CLIP only: convert the whole CLIPModel, text tower kept, to an AptCLIPModel for "
-                             "zero-shot classification (saved with its tokenizer); default: the vision tower alone")
+    parser.add_argument("--full_model", "--full_clip", dest="full_model", action="store_true",
+                        help="CLIP / SigLIP: convert the whole model, text tower kept, for zero-shot classification "
+                             "(saved with its tokenizer); default: the vision tower alone")
     parser.add_argument("--scorer", choices=SCORERS, default="entropy")
     parser.add_argument("--entropy_bins", type=int, default=512)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
@@ -76,49 +78,49 @@ def apt_fields(args: argparse.Namespace, model_type: str) -> dict[str, Any]:
             "entropy_bins": args.entropy_bins}
 
 
-def convert_model(model: str, config: Any, fields: dict[str, Any], dtype: Any, revision: str | None,
-                  layout: str, full_clip: bool = False):
+def target_class(model: str, config: Any, full_model: bool) -> type:
+    """The APT class this checkpoint converts to (a full CLIP / SigLIP's vision tower unless `full_model`)."""
+    if full_model and config.model_type not in FULL_MODEL_TYPES:
+        raise SystemExit(f"--full_model: needs a full CLIP or SigLIP checkpoint (model_type {FULL_MODEL_TYPES}), "
+                         f"{model} has model_type={config.model_type!r}")
+    if config.model_type in FULL_MODEL_TYPES and not full_model:
+        return next(c for c in model_classes()
+                    if any(container.config_class.model_type == config.model_type for container, _ in
+                           c.stock_containers))
+    try:
+        return apt_class_for(model)
+    except ValueError as err:
+        raise SystemExit(f"--model: {err}") from None
+
+
+def convert_model(model: str, cls: type, fields: dict[str, Any], dtype: Any, revision: str | None,
+                  layout: str) -> Any:
     """Load the stock checkpoint with its own transformers class and convert it (every weight kept)."""
-    load = {"dtype": dtype, "revision": revision}
-    if full_clip:
-        if config.model_type != "clip":
-            raise SystemExit(f"--full_clip: needs a full CLIP checkpoint (model_type 'clip', with a text tower), "
-                             f"{model} has model_type={config.model_type!r}")
-        return AptCLIPModel.from_clip(model, **fields, **load)
-    if config.model_type == "llava":
-        return AptLlavaForConditionalGeneration.from_llava(model, vision_feature_layout=layout, **fields, **load)
-    if config.model_type in ("clip", "clip_vision_model"):
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()  # a full CLIP checkpoint: its text tower is "unexpected" by design
-        try:
-            return AptCLIPVisionModel.from_clip(model, **fields, **load)
-        finally:
-            logging.set_verbosity(verbosity)
-    if config.model_type == "vit":
-        has_head = any(a.endswith("ForImageClassification") for a in (config.architectures or []))
-        cls = AptViTForImageClassification if has_head else AptViTModel
-        return cls.from_vit(model, **fields, **load)
-    if config.model_type.startswith("apt_"):
-        raise SystemExit(f"--model: {model} is already an APT checkpoint ({config.model_type})")
-    raise SystemExit(f"--model: expected a CLIP, CLIP vision, ViT or LLaVA checkpoint, got model_type="
-                     f"{config.model_type!r}")
+    options = {"vision_feature_layout": layout} if hasattr(cls.config_class, "vision_feature_layout") else {}
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # a full checkpoint's other tower is "unexpected" for its vision tower, by design
+    try:
+        return convert_to(cls, model, **fields, **options, dtype=dtype, revision=revision)
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def convert_processor(model: str, converted: Any, revision: str | None) -> Any:
-    """The checkpoint's own image processor settings plus the APT fields (a default one if it ships none)."""
+    """The checkpoint's own image processor settings plus the APT fields (a default one if it ships none), with the
+    tokenizer for models that read text too."""
     config = converted.config
-    if isinstance(converted, AptLlavaForConditionalGeneration):  # tokenizer and chat template kept
+    if family_of(type(converted)).processor is AptLlavaProcessor:  # tokenizer and chat template kept
         return AptLlavaProcessor.from_llava_processor(model, vision_feature_layout=config.vision_feature_layout,
                                                       **config.apt_fields)
-    vision = config.vision_config if isinstance(converted, AptCLIPModel) else config
+    vision = config.vision_config if is_composite(type(config)) else config
     fields = {**config.apt_fields, "patch_size": int(vision.patch_size)}
     image_processor = _image_processor(model, vision, fields, revision)
-    if isinstance(converted, AptCLIPModel):  # zero-shot needs the texts' tokenizer beside the image processor
+    if is_composite(type(config)):  # zero-shot needs the texts' tokenizer beside the image processor
         try:
             tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
         except (OSError, ValueError) as err:
-            raise SystemExit(f"--model: {model} has no tokenizer, which --full_clip needs to save ({err})") from None
-        return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+            raise SystemExit(f"--model: {model} has no tokenizer, which --full_model needs to save ({err})") from None
+        return family_of(type(converted)).processor(image_processor=image_processor, tokenizer=tokenizer)
     return image_processor
 
 
@@ -141,9 +143,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise SystemExit(f"--output_dir: {args.output_dir} is not empty; pass --overwrite_output_dir to write over it, "
                          "or choose another folder")
     config = AutoConfig.from_pretrained(args.model, revision=args.revision)
+    if config.model_type.startswith("apt_"):
+        raise SystemExit(f"--model: {args.model} is already an APT checkpoint ({config.model_type})")
     fields = apt_fields(args, config.model_type)
-    model = convert_model(args.model, config, fields, DTYPES[args.dtype], args.revision, args.vision_feature_layout,
-                          args.full_clip)
+    cls = target_class(args.model, config, args.full_model)
+    model = convert_model(args.model, cls, fields, DTYPES[args.dtype], args.revision, args.vision_feature_layout)
     processor = convert_processor(args.model, model, args.revision)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output_dir)

@@ -81,7 +81,7 @@ def val_images(work: dict[str, Path]) -> tuple[list[Image.Image], list[int]]:
 
 def test_training_run_outputs_eval_accuracy_and_broken_count(work: dict[str, Path], trained: Path) -> None:
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "trainer_state.json",
-                 "loss_curve.png", "modeling_apt.py", "eval_results.json"):
+                 "loss_curve.png", "modeling_apt.py", "modeling_apt_vit.py", "eval_results.json"):
         assert (trained / name).is_file(), name
     history = json.loads((trained / "trainer_state.json").read_text())["log_history"]
     evals = [e for e in history if "eval_accuracy" in e]

@@ -29,8 +29,8 @@ from transformers import (
 )
 
 from apt_hf import AptCLIPConfig, AptCLIPModel, AptCLIPVisionModel
+from apt_hf.conversion import attention_settings
 from apt_hf.image_processing_apt import AptImageProcessingMixin, AptImageProcessorPil
-from apt_hf.modeling_apt_clip import _attn_settings
 from apt_hf.sample_images import load_photos
 
 ATOL = 1e-5
@@ -154,7 +154,7 @@ def test_from_clip_adopts_every_weight_and_adds_only_apt_layers():
 def test_attn_implementation_per_tower():
     """A str sets both towers, APT's vision-only "varlen" the vision tower alone; a dict sets each."""
     stock = stock_clip("sdpa")
-    assert _attn_settings(stock, "varlen") == {"": "sdpa", "vision_config": "varlen", "text_config": "sdpa"}
+    assert attention_settings(stock.config, "varlen") == {"": "sdpa", "vision_config": "varlen", "text_config": "sdpa"}
     apt = AptCLIPModel.from_clip(stock, attn_implementation={"vision_config": "eager"})
     assert (apt.vision_model.config._attn_implementation, apt.text_model.config._attn_implementation) == ("eager",
                                                                                                        "sdpa")
@@ -239,7 +239,7 @@ def test_convert_script_full_clip_and_default_vision_tower(tmp_path, photos, tex
     vision = script.main(["--model", str(tmp_path / "clip"), "--output_dir", str(tmp_path / "vision")])
     assert type(AutoModel.from_pretrained(vision)) is AptCLIPVisionModel  # the default stays the vision tower
     CLIPVisionModel(CLIPVisionConfig(**TINY, image_size=64, patch_size=8)).save_pretrained(tmp_path / "tower")
-    with pytest.raises(SystemExit, match="--full_clip: needs a full CLIP checkpoint"):
+    with pytest.raises(SystemExit, match="--full_model: needs a full CLIP or SigLIP checkpoint"):
         script.main(["--model", str(tmp_path / "tower"), "--output_dir", str(tmp_path / "bad"), "--full_clip"])
 
 
@@ -317,15 +317,16 @@ def test_zero_shot_pipeline_as_remote_code(tmp_path, photos):
 
 def test_bad_input_raises_clear_errors(tmp_path, photos, texts):
     tower = CLIPVisionModel(CLIPVisionConfig(**TINY, image_size=64, patch_size=8))
-    with pytest.raises(ValueError, match="model_or_path: expected a full CLIPModel .* got CLIPVisionModel .*"
-                                         "AptCLIPVisionModel.from_clip"):
+    with pytest.raises(ValueError, match="model_or_path: AptCLIPModel.from_clip takes a CLIPModel.* got "
+                                         "CLIPVisionModel.*AptCLIPVisionModel.from_clip"):
         AptCLIPModel.from_clip(tower)
-    with pytest.raises(ValueError, match="model_or_path: expected a full CLIPModel .* got ViTModel"):
+    with pytest.raises(ValueError, match="model_or_path: AptCLIPModel.from_clip takes a CLIPModel.* got ViTModel"):
         AptCLIPModel.from_clip(ViTModel(ViTConfig(**TINY, image_size=56, patch_size=8)))
     apt = AptCLIPModel.from_clip(stock_clip())
     with pytest.raises(ValueError, match="already converted"):
         AptCLIPModel.from_clip(apt)
-    with pytest.raises(ValueError, match="model_or_path: expected a CLIPModel, a path or a hub id, got int"):
+    with pytest.raises(ValueError, match="model_or_path: AptCLIPModel.from_clip takes a CLIPModel, a path or a hub id, "
+                                         "got int"):
         AptCLIPModel.from_clip(3)
     with pytest.raises(ValueError, match="loading options"):
         AptCLIPModel.from_clip(stock_clip(), revision="main")
@@ -334,7 +335,7 @@ def test_bad_input_raises_clear_errors(tmp_path, photos, texts):
         AptCLIPModel.from_clip(tmp_path / "tower")
     with pytest.raises(ValueError, match="thresholds"):
         AptCLIPModel.from_clip(stock_clip(), num_scales=3, thresholds=[1.0])
-    with pytest.raises(ValueError, match="config: expected a full CLIP config"):
+    with pytest.raises(ValueError, match="config: expected a 'clip' config"):
         AptCLIPConfig.from_stock_config(tower.config)
     packed = apt_inputs(photos)
     with pytest.raises(ValueError, match="input_ids: AptCLIPModel.forward needs texts"):

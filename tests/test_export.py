@@ -5,13 +5,9 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTForImageClassification, ViTModel
 
+from apt_hf import AptCLIPVisionModel, AptViTForImageClassification, AptViTModel
 from apt_hf.image_processing_apt import AptImageProcessorPil
-from apt_hf.modeling_apt import (
-    AptCLIPVisionModel,
-    AptViTForImageClassification,
-    AptViTModel,
-    packed_dynamic_shapes,
-)
+from apt_hf.modeling_apt import packed_dynamic_shapes
 from apt_hf.patchify import PatchLayout
 from apt_hf.sample_images import load_photos
 

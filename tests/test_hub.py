@@ -46,10 +46,10 @@ REPO = "me/apt-tiny"
 TOKEN = "hf_SENTINELtoken0123456789"  # a fake token: must reach the Authorization header and nowhere else
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "push_to_hub.py"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-REMOTE_CODE = {"configuration_apt.py", "modeling_apt.py", "modeling_apt_llava.py", "packed_attention.py",
-               "patchify.py", "image_processing_apt.py", "processing_apt_llava.py"}
+REMOTE_CODE = {"configuration_apt.py", "modeling_apt.py", "modeling_apt_clip.py", "modeling_apt_llava.py",
+               "packed_attention.py", "patchify.py", "image_processing_apt.py", "processing_apt_llava.py"}
 VISION_CODE = {"configuration_apt.py", "modeling_apt.py", "packed_attention.py", "patchify.py",
-               "image_processing_apt.py"}
+               "image_processing_apt.py"}  # plus the family's own modeling file
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 SIZES = {"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}}
 
@@ -237,7 +237,7 @@ def test_vision_dry_runs_hold_their_auto_classes_and_cards(vision_dry_runs):
     ):
         folder = vision_dry_runs / name
         assert listing(folder) == {"README.md", "config.json", "model.safetensors", "preprocessor_config.json",
-                                   *VISION_CODE}
+                                   *VISION_CODE, f"modeling_apt_{name}.py"}
         config = json.loads((folder / "config.json").read_text())
         assert set(auto_classes) <= set(config["auto_map"])
         image_map = json.loads((folder / "preprocessor_config.json").read_text())["auto_map"]

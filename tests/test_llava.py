@@ -133,7 +133,7 @@ def test_remote_code_round_trip_without_apt_hf(tmp_path, tiny, photos):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"].endswith("AptLlavaForConditionalGeneration")
     assert config["auto_map"]["AutoModel"] == "modeling_apt_llava.AptLlavaModel"
-    assert {"modeling_apt_llava.py", "modeling_apt.py", "configuration_apt.py", "patchify.py",
+    assert {"modeling_apt_llava.py", "modeling_apt.py", "modeling_apt_clip.py", "configuration_apt.py", "patchify.py",
             "processing_apt_llava.py", "image_processing_apt.py"} <= set(os.listdir(tmp_path))
     batch = apt_processor(images=photos[:2], text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
     with torch.no_grad():

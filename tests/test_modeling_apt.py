@@ -19,17 +19,10 @@ from transformers import (
     ViTModel,
 )
 
+from apt_hf import AptCLIPVisionModel, AptViTForImageClassification, AptViTModel
 from apt_hf.configuration_apt import AptCLIPVisionConfig, AptViTConfig
 from apt_hf.image_processing_apt import AptImageProcessor
-from apt_hf.modeling_apt import (
-    AptCLIPVisionModel,
-    AptViTForImageClassification,
-    AptViTModel,
-    drop_cls_tokens,
-    expand_to_grid,
-    register_auto_classes,
-    split_per_image,
-)
+from apt_hf.modeling_apt import drop_cls_tokens, expand_to_grid, split_per_image
 from apt_hf.patchify import PatchLayout, base_patch_index, unpack_base_patches
 from apt_hf.sample_images import load_photos
 
@@ -129,6 +122,25 @@ def test_other_image_sizes_interpolate_like_stock(family):
         apt(x)
 
 
+@pytest.mark.parametrize("family", ["clip", "vit"])
+def test_sides_the_patch_does_not_tile_drop_their_last_pixels_as_stock(family):
+    """A 60 px image at patch 8: the stock convolution sees the top-left 56 px (7 x 7 patches); so does APT."""
+    torch.manual_seed(2)
+    if family == "clip":
+        stock = stock_clip()
+        apt = AptCLIPVisionModel.from_clip(stock, thresholds=[-1])
+    else:
+        stock = stock_vit()
+        apt = AptViTModel.from_vit(stock, thresholds=[-1])
+    x = torch.randn(2, 3, 60, 68)
+    with torch.no_grad():
+        want = stock(x, interpolate_pos_encoding=True)
+        got = apt(x, interpolate_pos_encoding=True)
+    assert got.image_grid_hw.tolist() == [[7, 8]] * 2
+    torch.testing.assert_close(per_image(got.last_hidden_state, got.cu_seqlens), want.last_hidden_state,
+                               atol=ATOL, rtol=0)
+
+
 def test_vit_classifier_equals_stock(photos):
     stock = stock_vit(cls=ViTForImageClassification, num_labels=5)
     apt = AptViTForImageClassification.from_vit(stock, thresholds=[-1])
@@ -223,7 +235,7 @@ def test_grid_view_and_helpers(photos):
     assert tokens.shape == (int(out.tokens_per_image.sum()), 32)
     cell, token = base_patch_index(layout)
     torch.testing.assert_close(grid.reshape(-1, 32)[cell], tokens[token])
-    assert torch.equal(expand_to_grid(tokens, layout, has_cls=False), grid)
+    assert torch.equal(expand_to_grid(tokens, layout), grid)
     assert [t.shape[0] for t in out.per_image(drop_cls=True)] == out.tokens_per_image.tolist()
     # With nothing merged the grid view is the stock token map.
     flat = AptCLIPVisionModel.from_clip(stock, thresholds=[-1])
@@ -458,18 +470,18 @@ def test_attn_implementation_switches_at_run_time(photos):
 
 
 def test_save_load_round_trip(tmp_path, photos):
-    register_auto_classes()
     apt = AptViTForImageClassification.from_vit(stock_vit(cls=ViTForImageClassification, num_labels=3), **MERGING)
     torch.nn.init.normal_(apt.vit.embeddings.zero_mlp.weight, std=0.1)
     apt.save_pretrained(tmp_path)
     saved = {p.name for p in tmp_path.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_apt.py", "configuration_apt.py", "patchify.py"} <= saved
+    assert {"config.json", "model.safetensors", "modeling_apt.py", "modeling_apt_vit.py", "configuration_apt.py",
+            "patchify.py"} <= saved
     config = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(config, AptViTConfig) and config.thresholds == [5.0, 5.5] and config.num_scales == 3
     assert config.auto_map == {
         "AutoConfig": "configuration_apt.AptViTConfig",
-        "AutoModel": "modeling_apt.AptViTModel",
-        "AutoModelForImageClassification": "modeling_apt.AptViTForImageClassification",
+        "AutoModel": "modeling_apt_vit.AptViTModel",
+        "AutoModelForImageClassification": "modeling_apt_vit.AptViTForImageClassification",
     }
     _, packed = dense_and_packed(photos, VIT_SIZE, **MERGING)
     with torch.no_grad():
@@ -505,7 +517,7 @@ def _edited(packed, **changes):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("not_multiple", "multiples of patch_size=8"),
+    ("too_small", "at least patch_size=8"),
     ("other_size", "interpolate_pos_encoding=True"),
     ("channels_dense", "expected 3 channels"),
     ("channels_packed", "expected 3 channels"),
@@ -521,7 +533,7 @@ def test_bad_input_raises_clear_error(bad_input_setup, case, match):
     apt, (dense, packed) = bad_input_setup
     scales = packed["patch_scales"]
     inputs = {
-        "not_multiple": {"pixel_values": dense[:, :, :60]},
+        "too_small": {"pixel_values": dense[:, :, :6, :6]},
         "other_size": {"pixel_values": F.pad(dense, (0, 8, 0, 8))},
         "channels_dense": {"pixel_values": dense[:, :2]},
         "channels_packed": _edited(packed, pixel_values=packed["pixel_values"][:, :1]),
@@ -590,7 +602,6 @@ def test_convert_script_end_to_end(tmp_path, photos):
         "convert_to_apt", Path(__file__).parents[1] / "scripts" / "convert_to_apt.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    register_auto_classes()
     clip = stock_clip()
     clip.save_pretrained(tmp_path / "clip")
     clip_processor = CLIPImageProcessorPil(**CLIP_SIZE)

@@ -9,8 +9,8 @@ import textwrap
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTForImageClassification
 
+from apt_hf import AptCLIPVisionModel, AptViTForImageClassification
 from apt_hf.image_processing_apt import AptImageProcessorPil
-from apt_hf.modeling_apt import AptCLIPVisionModel, AptViTForImageClassification
 from apt_hf.sample_images import load_photos
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}

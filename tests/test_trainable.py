@@ -11,7 +11,7 @@ import re
 import pytest
 
 from apt_hf import AptLlavaForConditionalGeneration
-from apt_hf.modeling_apt import AptViTForImageClassification
+from apt_hf.modeling_apt_vit import AptViTForImageClassification
 from apt_hf.tasks.classification.model import load_classifier, save_tiny_vit
 from apt_hf.testing import build_tiny_llava
 from apt_hf.training.trainable import layer_decay_groups, layer_ids, select_parameters

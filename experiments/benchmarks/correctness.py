@@ -28,7 +28,8 @@ import torch
 from transformers.utils import is_torchvision_available
 
 from apt_hf.image_processing_apt import AptImageProcessorPil
-from apt_hf.modeling_apt import AptCLIPVisionModel, split_per_image
+from apt_hf.modeling_apt import split_per_image
+from apt_hf.modeling_apt_clip import AptCLIPVisionModel
 from apt_hf.modeling_apt_llava import AptLlavaForConditionalGeneration
 from apt_hf.padding_free import flatten_padded_batch, register_packed_sdpa, unflatten
 from apt_hf.patchify import SCORERS, PatchLayout, compute_layout, default_thresholds, unpack_base_patches

@@ -129,7 +129,7 @@ def vision_backends(device: str) -> tuple[list[str], dict[str, str]]:
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from apt_hf.modeling_apt import AptCLIPVisionModel
+    from apt_hf.modeling_apt_clip import AptCLIPVisionModel
 
     from .vision import available_attn_implementations
 

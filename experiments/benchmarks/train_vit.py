@@ -88,7 +88,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
 def main(argv: Sequence[str] | None = None) -> None:
     from transformers import ViTConfig, ViTForImageClassification
 
-    from apt_hf.modeling_apt import AptViTForImageClassification
+    from apt_hf.modeling_apt_vit import AptViTForImageClassification
 
     args = parse_args(argv)
     num_scales = len(args.thresholds) + 1

@@ -3,6 +3,8 @@
     python scripts/benchmark.py vision                                  # CPU: ViT-B/16 at 384, S=2 [5.5]
     python scripts/benchmark.py vision --family clip --size large --image_size 336 --patch_size 14 \\
         --device cuda --dtype bfloat16 --batch 64 --attn all      # every backend this machine can run
+    python scripts/benchmark.py vision --family siglip --size so400m --layers 6 --image_size 384 --patch_size 14
+                                                                        # SigLIP so400m widths, fewer layers
 
 
 Models are built from configs with random weights (timing does not depend on the values; pass --model for a
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 import transformers
 
+import apt_hf
 from apt_hf.dtypes import TORCH_DTYPES
 from apt_hf.flops import vision_flops
 from apt_hf.patchify import PatchLayout, unpack_base_patches
@@ -43,18 +46,22 @@ SIZES = {  # hidden, layers, heads, mlp
     "base": (768, 12, 12, 3072),
     "large": (1024, 24, 16, 4096),
     "huge": (1280, 32, 16, 5120),
+    "so400m": (1152, 27, 16, 4304),  # SigLIP-so400m (LLaVA-OneVision's tower)
 }
+FAMILIES = ("vit", "clip", "siglip")
 ATTN_CANDIDATES = ("sdpa", "apt_varlen", "flash_attention_2", "flash_attention_3", "flex_attention", "eager")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmark.py vision", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=("vit", "clip"), default="vit")
+    parser.add_argument("--family", choices=FAMILIES, default="vit")
     parser.add_argument("--size", choices=sorted(SIZES), default="base")
+    parser.add_argument("--layers", type=int, default=None, help="encoder layers (default: the size's)")
     parser.add_argument("--image_size", type=int, default=384)
     parser.add_argument("--patch_size", type=int, default=16)
-    parser.add_argument("--model", default=None, help="a real checkpoint (CLIP / ViT) instead of random weights")
+    parser.add_argument("--model", default=None, help="a real checkpoint (ViT / CLIP / SigLIP vision tower) instead of "
+                                                       "random weights")
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32")
@@ -76,31 +83,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
     """(stock, APT) sharing the same weights, and the stock config."""
-    from apt_hf.modeling_apt import AptCLIPVisionModel, AptViTModel
-
-    fields = {"num_scales": args.num_scales, "thresholds": args.thresholds, "scorer": args.scorer}
-    if args.family == "vit":
-        from transformers import ViTConfig, ViTModel
-
-        if args.model:
-            stock = ViTModel.from_pretrained(args.model, add_pooling_layer=False)
-        else:
-            hidden, layers, heads, mlp = SIZES[args.size]
-            config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                               intermediate_size=mlp, image_size=args.image_size, patch_size=args.patch_size)
-            stock = ViTModel(config, add_pooling_layer=False)
-        apt = AptViTModel.from_vit(stock, image_mean=[0.5] * 3, image_std=[0.5] * 3, **fields)
+    stock_class, config_class = {
+        "vit": (transformers.ViTModel, transformers.ViTConfig),
+        "clip": (transformers.CLIPVisionModel, transformers.CLIPVisionConfig),
+        "siglip": (transformers.SiglipVisionModel, transformers.SiglipVisionConfig),
+    }[args.family]
+    options = {"add_pooling_layer": False} if args.family == "vit" else {}
+    if args.model:
+        stock = stock_class.from_pretrained(args.model, **options)
     else:
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
-        if args.model:
-            stock = CLIPVisionModel.from_pretrained(args.model)
-        else:
-            hidden, layers, heads, mlp = SIZES[args.size]
-            config = CLIPVisionConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                                      intermediate_size=mlp, image_size=args.image_size, patch_size=args.patch_size)
-            stock = CLIPVisionModel(config)
-        apt = AptCLIPVisionModel.from_clip(stock, image_mean=[0.5] * 3, image_std=[0.5] * 3, **fields)
+        hidden, layers, heads, mlp = SIZES[args.size]
+        config = config_class(hidden_size=hidden, num_hidden_layers=args.layers or layers, num_attention_heads=heads,
+                              intermediate_size=mlp, image_size=args.image_size, patch_size=args.patch_size)
+        stock = stock_class(config, **options)
+    fields = {"num_scales": args.num_scales, "thresholds": args.thresholds, "scorer": args.scorer}
+    apt = apt_hf.convert(stock, image_mean=[0.5] * 3, image_std=[0.5] * 3, **fields)
     dtype = TORCH_DTYPES[args.dtype]
     stock = stock.to(args.device, dtype).eval()
     apt = apt.to(args.device, dtype).eval()
@@ -112,11 +109,12 @@ def packed_inputs(args: argparse.Namespace, thresholds: list[float], image_size:
 
     photos = list(load_photos(PHOTOS).values())
     photos = (photos * (args.batch // len(photos) + 1))[: args.batch]
-    processor = AptImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        image_mean=[0.5] * 3, image_std=[0.5] * 3, patch_size=patch, num_scales=args.num_scales,
-        thresholds=thresholds, scorer=args.scorer,
-    )
+    if args.family == "siglip":  # SigLIP's processors resize straight to the square, no crop
+        sizes = {"size": {"height": image_size, "width": image_size}, "do_center_crop": False}
+    else:
+        sizes = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    processor = AptImageProcessorPil(**sizes, image_mean=[0.5] * 3, image_std=[0.5] * 3, patch_size=patch,
+                                     num_scales=args.num_scales, thresholds=thresholds, scorer=args.scorer)
     return dict(processor(photos, return_tensors="pt"))
 
 
@@ -190,13 +188,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ms = {name: 1e3 * min(t) for name, t in times.items()}
     backends = [b for b in backends if b not in missing]
 
-    stock_flops = vision_flops(config, PatchLayout.from_inputs(uniform), apt=False)
-    merged_flops = vision_flops(config, PatchLayout.from_inputs(merged), apt=True)
-    uniform_flops = vision_flops(config, PatchLayout.from_inputs(uniform), apt=True)
+    cls_token = apt.embeddings.has_class_token
+    stock_flops = vision_flops(config, PatchLayout.from_inputs(uniform), apt=False, class_token=cls_token)
+    merged_flops = vision_flops(config, PatchLayout.from_inputs(merged), apt=True, class_token=cls_token)
+    uniform_flops = vision_flops(config, PatchLayout.from_inputs(uniform), apt=True, class_token=cls_token)
     cells = int(PatchLayout.from_inputs(uniform).image_grid_hw.prod(-1).sum())
     kept = int(merged["tokens_per_image"].sum())
 
-    model_name = f"{args.family} {args.size if not args.model else args.model}"
+    size = f"{args.size}{f' ({config.num_hidden_layers} layers)' if args.layers else ''}"
+    model_name = f"{args.family} {size if not args.model else args.model}"
     print(f"## APT vs stock {type(stock).__name__}: {model_name}, {image_size}/{patch}, batch {args.batch}, "
           f"{args.dtype} on {device}\n")
     where = machine(device)

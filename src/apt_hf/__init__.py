@@ -1,19 +1,30 @@
 """APT (Adaptive Patch Transformers, ICLR 2026) for Hugging Face transformers.
 
-`import apt_hf` registers every APT class with transformers' Auto classes; saved checkpoints also carry
-`auto_map` + code, so they load with `trust_remote_code=True` where apt_hf is not installed.
+`import apt_hf` registers every APT class with transformers' Auto classes (`apt_hf.families`) and installs the
+conversion from stock models (`apt_hf.convert`); saved checkpoints also carry `auto_map` + code, so they load with
+`trust_remote_code=True` where apt_hf is not installed.
 """
 
 from transformers.utils import is_torchvision_available
 
-from .configuration_apt import AptCLIPConfig, AptCLIPVisionConfig, AptLlavaConfig, AptViTConfig
+from .configuration_apt import (
+    AptCLIPConfig,
+    AptCLIPVisionConfig,
+    AptLlavaConfig,
+    AptSiglipConfig,
+    AptSiglipVisionConfig,
+    AptViTConfig,
+)
+from .conversion import convert
+from .conversion import install as _install_converter
+from .families import FAMILIES
+from .families import register_auto_classes as _register_auto_classes
 from .image_processing_apt import AptImageProcessorPil
-from .modeling_apt import AptCLIPVisionModel, AptHubMixin, AptViTForImageClassification, AptViTModel
-from .modeling_apt import register_auto_classes as _register_vision
-from .modeling_apt_clip import AptCLIPModel
-from .modeling_apt_clip import register_auto_classes as _register_clip
+from .modeling_apt import AptHubMixin
+from .modeling_apt_clip import AptCLIPModel, AptCLIPVisionModel
 from .modeling_apt_llava import AptLlavaForConditionalGeneration, AptLlavaModel
-from .modeling_apt_llava import register_auto_classes as _register_llava
+from .modeling_apt_siglip import AptSiglipModel, AptSiglipVisionModel
+from .modeling_apt_vit import AptViTForImageClassification, AptViTModel
 from .processing_apt_llava import AptLlavaProcessor
 
 __version__ = "0.1.0"
@@ -32,19 +43,6 @@ else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _register_processors() -> None:
-    from transformers import AutoProcessor, CLIPProcessor
-    from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level one needs torchvision
-
-    backends = {"pil": AptImageProcessorPil}
-    if is_torchvision_available():
-        backends["torchvision"] = AptImageProcessor  # without torchvision, AutoImageProcessor warns and uses "pil"
-    for config_class in (AptCLIPVisionConfig, AptViTConfig, AptLlavaConfig, AptCLIPConfig):
-        AutoImageProcessor.register(config_class, image_processor_classes=backends, exist_ok=True)
-    AutoProcessor.register(AptLlavaConfig, AptLlavaProcessor, exist_ok=True)
-    AutoProcessor.register(AptCLIPConfig, CLIPProcessor, exist_ok=True)  # tokenizer + AptImageProcessor
-
-
 def _push_with_apt_card(model: object, repo_id: str, **kwargs: object) -> object:
     """`model.push_to_hub` of APT models: the card and checks of scripts/push_to_hub.py (see apt_hf.hub)."""
     from .hub import push_model_to_hub
@@ -53,15 +51,17 @@ def _push_with_apt_card(model: object, repo_id: str, **kwargs: object) -> object
 
 
 AptHubMixin.publisher = _push_with_apt_card
-_register_vision()
-_register_clip()
-_register_llava()
-_register_processors()
+_install_converter()
+_register_auto_classes()
 
 __all__ = [
+    "FAMILIES",
+    "convert",
     "AptCLIPVisionConfig",
     "AptCLIPConfig",
     "AptViTConfig",
+    "AptSiglipVisionConfig",
+    "AptSiglipConfig",
     "AptLlavaConfig",
     "AptImageProcessor",
     "AptImageProcessorPil",
@@ -69,6 +69,8 @@ __all__ = [
     "AptCLIPModel",
     "AptViTModel",
     "AptViTForImageClassification",
+    "AptSiglipVisionModel",
+    "AptSiglipModel",
     "AptLlavaModel",
     "AptLlavaForConditionalGeneration",
     "AptLlavaProcessor",

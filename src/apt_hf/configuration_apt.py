@@ -15,7 +15,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from transformers import CLIPConfig, CLIPVisionConfig, LlavaConfig, PreTrainedConfig, ViTConfig
+from transformers import (
+    CLIPConfig,
+    CLIPVisionConfig,
+    LlavaConfig,
+    PreTrainedConfig,
+    SiglipConfig,
+    SiglipVisionConfig,
+    ViTConfig,
+)
 from transformers.configuration_utils import SubConfigSpec
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -138,6 +146,12 @@ class AptViTConfig(AptConfigMixin, ViTConfig):
     model_type = "apt_vit"
 
 
+class AptSiglipVisionConfig(AptConfigMixin, SiglipVisionConfig):
+    """`SiglipVisionConfig` plus the APT fields (num_scales, thresholds, scorer, entropy_bins, image_mean/std)."""
+
+    model_type = "apt_siglip_vision_model"
+
+
 # LLaVA-1.5's tower (CLIP ViT-L/14-336) at LLaVA-1.5's APT setting: what a LLaVA config without a tower gets.
 _LLAVA_15_TOWER = {
     **LlavaConfig.sub_configs_defaults["vision_config"].init_kwargs,
@@ -145,77 +159,45 @@ _LLAVA_15_TOWER = {
 }
 
 
-def _apt_tower(vision: Any, apt: dict[str, Any], default_tower: dict[str, Any], llava: bool) -> Any:
-    """A composite config's vision tower as an `AptCLIPVisionConfig` (or the dict the sub-config spec builds it from).
+def _apt_tower(vision: Any, apt: dict[str, Any], tower: type[AptConfigMixin], default_tower: dict[str, Any],
+               llava: bool) -> Any:
+    """A composite config's vision tower as an APT `tower` config (or the dict the sub-config spec builds it from).
 
-    A stock CLIP tower (dict or `CLIPVisionConfig`) is converted, with the default thresholds (LLaVA-1.5's where
-    `llava`) for the APT fields not given; a saved APT tower keeps its own fields unless `apt` replaces them.
+    A stock tower (dict or config) is converted, with the default thresholds (LLaVA-1.5's where `llava`) for the APT
+    fields not given; a saved APT tower keeps its own fields unless `apt` replaces them.
     """
-    is_apt = isinstance(vision, AptCLIPVisionConfig) or (
-        isinstance(vision, dict) and vision.get("model_type") == AptCLIPVisionConfig.model_type)
+    is_apt = isinstance(vision, tower) or (isinstance(vision, dict) and vision.get("model_type") == tower.model_type)
     if vision is not None and not is_apt:
         if llava and "thresholds" not in apt:
             apt["thresholds"] = default_thresholds(apt.get("num_scales", 2), apt.get("scorer", "entropy"), llava=True)
-        return AptCLIPVisionConfig.from_stock_config(vision, **apt)
+        return tower.from_stock_config(vision, **apt)
     if vision is None and apt:
-        return AptCLIPVisionConfig(**{**default_tower, **apt})
+        return tower(**{**default_tower, **apt})
     if apt:
         if isinstance(vision, dict):
-            vision = AptCLIPVisionConfig(**declared_settings(vision, AptCLIPVisionConfig))
+            vision = tower(**declared_settings(vision, tower))
         vision.replace_apt_fields(**apt)
     return vision
 
 
-class AptLlavaConfig(LlavaConfig):
-    """`LlavaConfig` whose vision tower is an `AptCLIPVisionConfig`, plus `vision_feature_layout`.
+class AptCompositeConfigMixin:
+    """A composite config (full CLIP or SigLIP, LLaVA) whose `vision_config` is its family's APT tower config.
 
-    The APT fields live once, on `vision_config`; they are also accepted here as keyword arguments and read
-    back as properties (`config.num_scales`, ...), so LLaVA and vision configs share the same names. A stock
-    CLIP tower (a dict or `CLIPVisionConfig`) is converted with LLaVA-1.5's default thresholds for the fields
-    not given; a saved APT tower keeps its own.
+    The APT fields live once, on `vision_config`; they are also accepted here as keyword arguments and read back as
+    properties (`config.num_scales`, ...), so composite and vision configs share the same names. A stock tower (a dict
+    or config) is converted with the default thresholds for the fields not given; a saved APT tower keeps its own.
     """
 
-    model_type = "apt_llava"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AptCLIPVisionConfig, init_kwargs=_LLAVA_15_TOWER),
-        "text_config": LlavaConfig.sub_configs_defaults["text_config"],
-    }
-
-    vision_feature_layout: str = "packed"
-
-    def __post_init__(self, **kwargs: Any) -> None:
-        apt = {k: kwargs.pop(k) for k in APT_SETTINGS if k in kwargs}
-        self.vision_config = _apt_tower(self.vision_config, apt, _LLAVA_15_TOWER, llava=True)
-        validate_vision_feature_layout(self.vision_feature_layout)
-        super().__post_init__(**kwargs)
-
-    @property
-    def apt_fields(self) -> dict[str, Any]:
-        return self.vision_config.apt_fields
-
-    def replace_apt_fields(self, **settings: Any) -> AptLlavaConfig:
-        """Set the tower's APT fields in place (validated; see `AptConfigMixin.replace_apt_fields`)."""
-        self.vision_config.replace_apt_fields(**settings)
-        return self
-
-
-class AptCLIPConfig(CLIPConfig):
-    """`CLIPConfig` (text and vision towers) whose vision tower is an `AptCLIPVisionConfig`: full CLIP, zero-shot.
-
-    As with `AptLlavaConfig`, the APT fields live once, on `vision_config`, are accepted here as keyword arguments
-    and read back as properties. A stock CLIP tower gets the paper's default thresholds for the fields not given.
-    """
-
-    model_type = "apt_clip"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AptCLIPVisionConfig),
-        "text_config": CLIPConfig.sub_configs_defaults["text_config"],
-    }
+    tower_config: ClassVar[type[AptConfigMixin]]
+    stock_model_type: ClassVar[str]  # the stock composite this config converts (model_type)
+    default_tower: ClassVar[dict[str, Any]] = {}  # a tower built from nothing but APT fields
+    llava_thresholds: ClassVar[bool] = False  # LLaVA-1.5's default thresholds for a converted tower
 
     def __post_init__(self, **kwargs: Any) -> None:
         apt = {k: kwargs.pop(k) for k in APT_SETTINGS if k in kwargs}
         base = kwargs.pop("base_model_name_or_path", None)
-        self.vision_config = _apt_tower(self.vision_config, apt, {}, llava=False)
+        self.vision_config = _apt_tower(self.vision_config, apt, self.tower_config, self.default_tower,
+                                        self.llava_thresholds)
         super().__post_init__(**kwargs)
         if base is not None:  # recorded on the tower, where the APT fields live
             self.vision_config.base_model_name_or_path = base
@@ -224,29 +206,83 @@ class AptCLIPConfig(CLIPConfig):
     def apt_fields(self) -> dict[str, Any]:
         return self.vision_config.apt_fields
 
-    def replace_apt_fields(self, **settings: Any) -> AptCLIPConfig:
+    def replace_apt_fields(self, **settings: Any) -> AptCompositeConfigMixin:
         """Set the vision tower's APT fields in place (validated; see `AptConfigMixin.replace_apt_fields`)."""
         self.vision_config.replace_apt_fields(**settings)
         return self
 
     @classmethod
-    def from_stock_config(cls, config: CLIPConfig | dict[str, Any], **apt_fields: Any) -> AptCLIPConfig:
-        """The APT config of a stock `CLIPConfig` (text tower kept as it is) with the given APT fields."""
+    def from_stock_config(cls, config: PreTrainedConfig | dict[str, Any], **apt_fields: Any) -> AptCompositeConfigMixin:
+        """The APT config of the stock composite config (its other sub-configs kept as they are) with the given APT
+        fields; a config of another model type is refused."""
         settings = config.to_dict() if isinstance(config, PreTrainedConfig) else dict(config)
-        if settings.get("model_type") not in (CLIPConfig.model_type, cls.model_type):
-            raise ValueError(f"config: expected a full CLIP config (model_type 'clip', with a text tower), got "
+        if settings.get("model_type") not in (cls.stock_model_type, cls.model_type):
+            raise ValueError(f"config: expected a {cls.stock_model_type!r} config, got "
                              f"model_type={settings.get('model_type')!r}")
         return cls(**{**declared_settings(settings, cls), **apt_fields})
 
 
+class AptLlavaConfig(AptCompositeConfigMixin, LlavaConfig):
+    """`LlavaConfig` whose vision tower is an `AptCLIPVisionConfig`, plus `vision_feature_layout`.
+
+    A stock CLIP tower is converted with LLaVA-1.5's default thresholds for the APT fields not given.
+    """
+
+    model_type = "apt_llava"
+    tower_config = AptCLIPVisionConfig
+    stock_model_type = "llava"
+    default_tower = _LLAVA_15_TOWER
+    llava_thresholds = True
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AptCLIPVisionConfig, init_kwargs=_LLAVA_15_TOWER),
+        "text_config": LlavaConfig.sub_configs_defaults["text_config"],
+    }
+
+    vision_feature_layout: str = "packed"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        validate_vision_feature_layout(self.vision_feature_layout)
+        super().__post_init__(**kwargs)
+
+
+class AptCLIPConfig(AptCompositeConfigMixin, CLIPConfig):
+    """`CLIPConfig` (text and vision towers) whose vision tower is an `AptCLIPVisionConfig`: full CLIP, zero-shot."""
+
+    model_type = "apt_clip"
+    tower_config = AptCLIPVisionConfig
+    stock_model_type = "clip"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AptCLIPVisionConfig),
+        "text_config": CLIPConfig.sub_configs_defaults["text_config"],
+    }
+
+
+class AptSiglipConfig(AptCompositeConfigMixin, SiglipConfig):
+    """`SiglipConfig` (text and vision towers) whose vision tower is an `AptSiglipVisionConfig`: zero-shot SigLIP.
+
+    Its model type keeps "siglip" in its name: transformers' zero-shot pipeline pads the texts to 64 tokens and
+    scores with a sigmoid for exactly those model types.
+    """
+
+    model_type = "apt_siglip"
+    tower_config = AptSiglipVisionConfig
+    stock_model_type = "siglip"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AptSiglipVisionConfig),
+        "text_config": SiglipConfig.sub_configs_defaults["text_config"],
+    }
+
+
 for _field in APT_FIELDS:
-    for _composite in (AptLlavaConfig, AptCLIPConfig):
+    for _composite in (AptLlavaConfig, AptCLIPConfig, AptSiglipConfig):
         setattr(_composite, _field, property(lambda self, _f=_field: getattr(self.vision_config, _f)))
 
 AptCLIPVisionConfig.register_for_auto_class()
 AptViTConfig.register_for_auto_class()
 AptLlavaConfig.register_for_auto_class()
 AptCLIPConfig.register_for_auto_class()
+AptSiglipVisionConfig.register_for_auto_class()
+AptSiglipConfig.register_for_auto_class()
 
 __all__ = [
     "AptConfigMixin",
@@ -254,6 +290,9 @@ __all__ = [
     "AptViTConfig",
     "AptLlavaConfig",
     "AptCLIPConfig",
+    "AptSiglipVisionConfig",
+    "AptSiglipConfig",
+    "AptCompositeConfigMixin",
     "APT_FIELDS",
     "APT_SETTINGS",
     "VISION_FEATURE_LAYOUTS",

@@ -22,14 +22,15 @@ def layer_flops(lengths: Sequence[int] | torch.Tensor, hidden: int, intermediate
     return float(2 * (linear * n.sum() + 2 * hidden * n.square().sum()))
 
 
-def vision_flops(config: Any, layout: PatchLayout, apt: bool) -> float:
-    """FLOPs of a ViT / CLIP tower's forward (patch embedding + encoder, one CLS per image) on `layout`.
+def vision_flops(config: Any, layout: PatchLayout, apt: bool, class_token: bool = True) -> float:
+    """FLOPs of a vision tower's forward (patch embedding + encoder) on `layout`, with one class token per image
+    (ViT, CLIP) or none (`class_token=False`: SigLIP; its attention-pooling head is not counted).
 
     `apt`: count APT's embedding too (the resized-block embedding, the zero-MLP and the 2 x 2 merge conv at each
     level of a merged token's quadtree); without it, the stock patch embedding alone.
     """
     d, channels, p = config.hidden_size, config.num_channels, int(config.patch_size)
-    lengths = layout.tokens_per_image + 1
+    lengths = layout.tokens_per_image + int(class_token)
     encoder = config.num_hidden_layers * layer_flops(lengths, d, config.intermediate_size, 2)
     cells = float(layout.image_grid_hw.prod(-1).double().sum())
     flops = encoder + 2 * cells * channels * p * p * d  # E on every base patch

@@ -43,6 +43,7 @@ from transformers.dynamic_module_utils import get_relative_imports
 from transformers.utils.hub import convert_file_size_to_int
 
 from .configuration_apt import APT_FIELDS
+from .families import family_of, is_composite, model_classes
 from .model_card import CardOptions, LmmsEvalRun, render_model_card
 
 logger = logging.getLogger(__name__)
@@ -65,30 +66,9 @@ CHAT_TEMPLATE_DIR = "additional_chat_templates"
 CARD_FILE = "README.md"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
-# model_type -> kind; the APT classes a checkpoint of that kind may hold (config.json "architectures").
-KINDS = {"apt_llava": "llava", "apt_clip_vision_model": "clip", "apt_clip": "clip_full", "apt_vit": "vit"}
-NESTED_VISION = ("llava", "clip_full")  # kinds whose APT fields sit in config.json's vision_config, with a tokenizer
-ARCHITECTURES = {
-    "llava": ("AptLlavaForConditionalGeneration",),
-    "clip": ("AptCLIPVisionModel",),
-    "clip_full": ("AptCLIPModel",),
-    "vit": ("AptViTModel", "AptViTForImageClassification"),
-}
-# Auto classes a user calls, and the target save_pretrained writes for each (used to fill a missing entry).
-MODEL_AUTO_MAP = {
-    "llava": {"AutoConfig": "configuration_apt.AptLlavaConfig",
-              "AutoModelForImageTextToText": "modeling_apt_llava.AptLlavaForConditionalGeneration"},
-    "clip": {"AutoConfig": "configuration_apt.AptCLIPVisionConfig", "AutoModel": "modeling_apt.AptCLIPVisionModel"},
-    "clip_full": {"AutoConfig": "configuration_apt.AptCLIPConfig", "AutoModel": "modeling_apt_clip.AptCLIPModel",
-                  "AutoModelForZeroShotImageClassification": "modeling_apt_clip.AptCLIPModel"},
-    "vit": {"AutoConfig": "configuration_apt.AptViTConfig", "AutoModel": "modeling_apt.AptViTModel"},
-    "vit_classifier": {"AutoConfig": "configuration_apt.AptViTConfig", "AutoModel": "modeling_apt.AptViTModel",
-                       "AutoModelForImageClassification": "modeling_apt.AptViTForImageClassification"},
-}
 # One class per transformers backend, as AptImageProcessor.save_pretrained writes it.
 IMAGE_PROCESSOR_TARGET = {"pil": "image_processing_apt.AptImageProcessorPil",
                           "torchvision": "image_processing_apt.AptImageProcessor"}
-PROCESSOR_TARGET = "processing_apt_llava.AptLlavaProcessor"
 DEFAULT_COMMIT_MESSAGE = "Upload APT checkpoint (weights, processor, remote code, model card)"
 
 
@@ -196,14 +176,7 @@ def _resave_weights(model_dir: Path, config: dict[str, Any], work_dir: Path, max
     Loading goes through the model class (not a raw tensor copy) so that tied and shared tensors are handled as
     transformers handles them; it needs the model in memory once, in its saved dtype.
     """
-    import apt_hf
-
-    architecture = (config.get("architectures") or [None])[0]
-    kind = KINDS[config["model_type"]]
-    if architecture not in ARCHITECTURES[kind]:
-        raise ValueError(f"model_dir: cannot convert the weights in {model_dir}: config.json architectures "
-                         f"{config.get('architectures')!r}, expected one of {list(ARCHITECTURES[kind])}")
-    model = getattr(apt_hf, architecture).from_pretrained(model_dir, dtype="auto")
+    model = _model_class(model_dir, config).from_pretrained(model_dir, dtype="auto")
     out = work_dir / "weights"
     model.save_pretrained(out, max_shard_size=max_shard_size)
     del model
@@ -225,15 +198,13 @@ def _image_processor_config(model_dir: Path) -> tuple[dict[str, Any] | None, str
     return None, None
 
 
-def _check_processor(model_dir: Path, kind: str, required: bool = True) -> dict[str, Any]:
+def _check_processor(model_dir: Path, cls: type, required: bool = True) -> dict[str, Any]:
     """Refuse a folder without an APT processor (unless not `required`); return the image processor settings."""
     image_processor, _ = _image_processor_config(model_dir)
     if image_processor is None and not required:
         return {}
-    save_hint = {"llava": "AptLlavaProcessor.from_llava_processor(...).save_pretrained(model_dir)",
-                 "clip_full": "CLIPProcessor(image_processor=AptImageProcessor(...), tokenizer=...).save_pretrained("
-                              "model_dir) (scripts/convert_to_apt.py --full_clip does this)",
-                 }.get(kind, "AptImageProcessor(...).save_pretrained(model_dir)")
+    family, nested = family_of(cls), is_composite(cls.config_class)
+    save_hint = family.processor_hint if nested else "AptImageProcessor(...).save_pretrained(model_dir)"
     if image_processor is None:
         raise ValueError(f"model_dir: no processor in {model_dir} (expected {IMAGE_PROCESSOR_FILE} or "
                          f"{PROCESSOR_FILE}); save it next to the model with {save_hint}")
@@ -241,25 +212,26 @@ def _check_processor(model_dir: Path, kind: str, required: bool = True) -> dict[
     if not processor_type.startswith("Apt"):
         raise ValueError(f"model_dir: the image processor in {model_dir} is {processor_type or 'unknown'!r}, not an "
                          f"APT one, so it would not produce the packed layout the model expects; save {save_hint}")
-    if kind in NESTED_VISION:
+    if nested:
         if not (model_dir / TOKENIZER_CONFIG).is_file() or not any((model_dir / f).is_file() for f in TOKENIZER_VOCABS):
             raise ValueError(f"model_dir: no tokenizer in {model_dir} (expected {TOKENIZER_CONFIG} and one of "
                              f"{list(TOKENIZER_VOCABS)}); save it with {save_hint}")
-    if kind == "llava":
+    apt_processor = _apt_processor(cls)
+    if apt_processor is not None:
         processor = _read_json(model_dir / PROCESSOR_FILE, "processor") if (model_dir / PROCESSOR_FILE).is_file() \
             else {}
         tokenizer = _read_json(model_dir / TOKENIZER_CONFIG, "tokenizer")
         processor_class = processor.get("processor_class") or tokenizer.get("processor_class")
-        if processor_class != "AptLlavaProcessor":
+        if processor_class != apt_processor.__name__:
             raise ValueError(f"model_dir: the processor in {model_dir} is {processor_class!r}, not "
-                             f"'AptLlavaProcessor'; save {save_hint}")
+                             f"{apt_processor.__name__!r}; save {save_hint}")
     return image_processor
 
 
-def _apt_settings(model_dir: Path, config: dict[str, Any], kind: str, image_processor: dict[str, Any],
+def _apt_settings(model_dir: Path, config: dict[str, Any], cls: type, image_processor: dict[str, Any],
                   processor: dict[str, Any]) -> dict[str, Any]:
     """The APT settings of the checkpoint, refusing a processor that disagrees with the model config."""
-    vision = config.get("vision_config") if kind in NESTED_VISION else config
+    vision = _vision_config(config, cls)
     if not isinstance(vision, dict):
         raise ValueError("model_dir: config.json has no vision_config")
     settings = {name: vision.get(name) for name in (*APT_FIELDS, "patch_size", "image_size")}
@@ -268,7 +240,7 @@ def _apt_settings(model_dir: Path, config: dict[str, Any], kind: str, image_proc
             raise ValueError(f"model_dir: the processor's {name} ({image_processor[name]!r}) differs from the model "
                              f"config's ({settings[name]!r}); save both with the same APT settings")
     _check_reload(model_dir, settings, with_processor=bool(image_processor))
-    if kind == "llava":
+    if hasattr(cls.config_class, "vision_feature_layout"):
         settings["vision_feature_layout"] = config.get("vision_feature_layout", "packed")
         processor_layout = processor.get("vision_feature_layout", settings["vision_feature_layout"])
         if processor_layout != settings["vision_feature_layout"]:
@@ -356,20 +328,53 @@ def _shard_bytes(max_shard_size: str | int) -> int:
     return size
 
 
-def _read_model_config(model_dir: Path) -> tuple[dict[str, Any], str, str]:
-    """(config, kind, card kind) of an APT checkpoint folder; refuses anything else."""
+def _read_model_config(model_dir: Path) -> tuple[dict[str, Any], type]:
+    """(config, APT model class) of an APT checkpoint folder; refuses anything else."""
     if not model_dir.is_dir():
         raise ValueError(f"model_dir: expected a folder written by save_pretrained, {model_dir} is not a folder")
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"model_dir: no config.json in {model_dir}; save the model there with save_pretrained")
     config = _read_json(model_dir / "config.json", "model config")
+    return config, _model_class(model_dir, config)
+
+
+def _model_class(model_dir: Path, config: dict[str, Any]) -> type:
+    """The APT class a saved config names (`architectures`), or its model type's first class (apt_hf.families)."""
     model_type = config.get("model_type")
-    if model_type not in KINDS:
-        raise ValueError(f"model_dir: {model_dir} holds a {model_type!r} model, not an APT one ({sorted(KINDS)}); "
-                         "convert it first (AptLlavaForConditionalGeneration.from_llava, scripts/convert_to_apt.py)")
-    kind = KINDS[model_type]
-    card_kind = "vit_classifier" if "AptViTForImageClassification" in (config.get("architectures") or []) else kind
-    return config, kind, card_kind
+    classes = [c for c in model_classes() if c.config_class.model_type == model_type]
+    if not classes:
+        known = sorted({c.config_class.model_type for c in model_classes()})
+        raise ValueError(f"model_dir: {model_dir} holds a {model_type!r} model, not an APT one ({known}); convert it "
+                         "first (apt_hf.convert, scripts/convert_to_apt.py)")
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture is None:
+        return classes[0]
+    for cls in classes:
+        if cls.__name__ == architecture:
+            return cls
+    raise ValueError(f"model_dir: config.json architectures {config.get('architectures')!r} is not an APT class of "
+                     f"model_type {model_type!r}; expected one of {[c.__name__ for c in classes]}")
+
+
+def _vision_config(config: dict[str, Any], cls: type) -> Any:
+    """Where a saved config holds its APT fields: itself, or its vision tower (composite models)."""
+    return config.get("vision_config") if is_composite(cls.config_class) else config
+
+
+def _apt_processor(cls: type) -> type | None:
+    """The family's own (APT) processor class, which the folder must hold; None where a stock one serves."""
+    processor = family_of(cls).processor
+    if processor is None or not is_composite(cls.config_class) or not processor.__name__.startswith("Apt"):
+        return None
+    return processor
+
+
+def _model_auto_map(cls: type) -> dict[str, str]:
+    """The auto_map a saved config of `cls` needs: its config class, and every Auto class the model serves."""
+    module = cls.__module__.rpartition(".")[2]
+    config_module = cls.config_class.__module__.rpartition(".")[2]
+    return {"AutoConfig": f"{config_module}.{cls.config_class.__name__}",
+            **{auto: f"{module}.{target}" for auto, target in cls.apt_auto_map.items()}}
 
 
 def _inspect_weights(model_dir: Path, max_shard_bytes: int, max_shard_size: str | int) -> tuple[set[str], str | None]:
@@ -392,7 +397,7 @@ def _inspect_weights(model_dir: Path, max_shard_bytes: int, max_shard_size: str 
     return names, None
 
 
-def _complete_auto_maps(model_dir: Path, config: dict[str, Any], kind: str, card_kind: str, notes: list[str],
+def _complete_auto_maps(model_dir: Path, config: dict[str, Any], cls: type, notes: list[str],
                         with_processor: bool = True) -> tuple[dict[str, dict[str, Any]], set[str], dict[str, str]]:
     """The JSON files that carry auto_map, with missing Auto classes added: (contents, names of the files that
     changed, Auto class -> "target (file)")."""
@@ -400,17 +405,19 @@ def _complete_auto_maps(model_dir: Path, config: dict[str, Any], kind: str, card
     for name in (PROCESSOR_FILE, IMAGE_PROCESSOR_FILE, TOKENIZER_CONFIG):
         if (model_dir / name).is_file():
             json_files[name] = _read_json(model_dir / name, "processor")
-    wanted = [("config.json", config, MODEL_AUTO_MAP[card_kind])]
+    wanted = [("config.json", config, _model_auto_map(cls))]
+    apt_processor = _apt_processor(cls)
     if with_processor:
-        if kind == "llava" and PROCESSOR_FILE not in json_files:
+        if apt_processor is not None and PROCESSOR_FILE not in json_files:
             raise ValueError(f"model_dir: no {PROCESSOR_FILE} in {model_dir}; save the processor with "
-                             "AptLlavaProcessor.save_pretrained(model_dir)")
+                             f"{apt_processor.__name__}.save_pretrained(model_dir)")
         image_file = IMAGE_PROCESSOR_FILE if IMAGE_PROCESSOR_FILE in json_files else PROCESSOR_FILE
         image_config = json_files[image_file] if image_file == IMAGE_PROCESSOR_FILE \
             else json_files[PROCESSOR_FILE]["image_processor"]
         wanted.append((image_file, image_config, {"AutoImageProcessor": IMAGE_PROCESSOR_TARGET}))
-    if with_processor and kind == "llava":
-        wanted.append((PROCESSOR_FILE, json_files[PROCESSOR_FILE], {"AutoProcessor": PROCESSOR_TARGET}))
+    if with_processor and apt_processor is not None:
+        target = f"{apt_processor.__module__.rpartition('.')[2]}.{apt_processor.__name__}"
+        wanted.append((PROCESSOR_FILE, json_files[PROCESSOR_FILE], {"AutoProcessor": target}))
     changed, summary = set(), {}
     for name, data, required in wanted:
         if _ensure_auto_map(data, required, name, notes):
@@ -471,26 +478,26 @@ def collect_upload_set(
     eval_run: LmmsEvalRun | None = card_options.eval_run()
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     max_shard_bytes = _shard_bytes(max_shard_size)
-    config, kind, card_kind = _read_model_config(model_dir)
+    config, cls = _read_model_config(model_dir)
     weight_names, resave_reason = _inspect_weights(model_dir, max_shard_bytes, max_shard_size)
-    image_processor = _check_processor(model_dir, kind, required=require_processor)
+    image_processor = _check_processor(model_dir, cls, required=require_processor)
     processor = _read_json(model_dir / PROCESSOR_FILE, "processor") if (model_dir / PROCESSOR_FILE).is_file() else {}
-    settings = _apt_settings(model_dir, config, kind, image_processor, processor)
+    settings = _apt_settings(model_dir, config, cls, image_processor, processor)
     notes: list[str] = []
     if not image_processor:
         notes.append("no processor in the folder: push it too (processor.push_to_hub(repo_id)) so that "
                      "AutoProcessor / AutoImageProcessor load it")
-    json_files, changed, auto_map = _complete_auto_maps(model_dir, config, kind, card_kind, notes,
+    json_files, changed, auto_map = _complete_auto_maps(model_dir, config, cls, notes,
                                                         with_processor=bool(image_processor))
     code_dir, code_files = _remote_code(model_dir, json_files, notes)
     card_options = dataclasses.replace(
         card_options, base_model=card_options.base_model or _recorded_base_model(model_dir) or _hub_id(
-            (config.get("vision_config") if kind in NESTED_VISION else config).get("base_model_name_or_path")))
-    card = render_model_card(card_kind, repo_id, settings, card_options, eval_run=eval_run,
+            _vision_config(config, cls).get("base_model_name_or_path")))
+    card = render_model_card(cls.card_kind, repo_id, settings, card_options, eval_run=eval_run,
                              training=_training_summary(model_dir))
     if eval_run is not None and eval_run.limit not in (None, 0):
         notes.append(f"eval_results: lmms-eval ran with --limit {eval_run.limit}; the card says so")
-    if kind == "llava" and image_processor and not _has_chat_template(model_dir):
+    if _apt_processor(cls) is not None and image_processor and not _has_chat_template(model_dir):
         notes.append("no chat template in the processor: users must write LLaVA prompts by hand")
 
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -529,7 +536,7 @@ def collect_upload_set(
         else:
             why = _why_skipped(entry)
         skipped.append((entry.name + ("/" if entry.is_dir() else ""), why))
-    return UploadSet(model_dir=model_dir, repo_id=repo_id, kind=card_kind, files=files, card=card,
+    return UploadSet(model_dir=model_dir, repo_id=repo_id, kind=cls.card_kind, files=files, card=card,
                      auto_map=auto_map, skipped=skipped, notes=notes)
 
 

@@ -1,6 +1,8 @@
 """AptImageProcessor: transformers' CLIP / LLaVA-1.5 preprocessing, then APT scoring, selection and packing.
 
-The pixels are exactly LlavaImageProcessor's (equal to CLIPImageProcessor's when `do_pad=False`). The 8-bit
+The pixels are exactly LlavaImageProcessor's (equal to CLIPImageProcessor's when `do_pad=False`, and to
+SiglipImageProcessor's for a wrapped SigLIP processor), on the region the model's p x p convolution sees: trailing
+pixels of a side that the patch does not tile are dropped, as the stock convolution drops them. The 8-bit
 image the model sees is recovered from them by undoing normalize and rescale (exact, see
 `patchify.recover_uint8`), so the processor and a model fed dense `pixel_values` choose the same layout.
 """
@@ -23,13 +25,13 @@ from .patchify import (
     PatchLayout,
     compute_layout,
     concat_layouts,
+    crop_to_patch_grid,
     pack_base_patches,
     recover_uint8,
     replace_apt_settings,
     select_images,
     thresholds_or_default,
     validate_apt_fields,
-    validate_image_size,
 )
 
 logger = logging.get_logger(__name__)
@@ -159,13 +161,15 @@ class AptImageProcessingMixin:
                 raise ValueError(f"images: expected RGB (or, for greyscale models, 1-channel) images after "
                                  f"conversion, image {i} has shape {tuple(image.shape)}; pass do_convert_rgb=True or "
                                  "RGB images")
-            validate_image_size(image.shape[1], image.shape[2], patch_size,
-                                setting="size / crop_size (or do_center_crop)")
+            if min(image.shape[1:]) < patch_size:
+                raise ValueError(f"images: expected processed sides of at least patch_size={patch_size} pixels, image "
+                                 f"{i} is {image.shape[1]}x{image.shape[2]}; change size / crop_size")
         # Grouped as transformers groups: by default one batch per shape off the CPU, one image at a time on it
         # (scoring is memory-bound there, and one image's working set stays in cache).
         grouped, grouped_index = group_images_by_shape(resized, disable_grouping=kwargs.get("disable_grouping"))
         packed, layouts = [], []
         for stacked in grouped.values():
+            stacked = crop_to_patch_grid(stacked, patch_size)  # what the stock p x p conv sees (e.g. 384 -> 378 at 14)
             layout = compute_layout(_as_uint8(stacked, do_rescale), patch_size, num_scales, thresholds, scorer,
                                     entropy_bins)
             cells = pack_base_patches(stacked, layout, patch_size)

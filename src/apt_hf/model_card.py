@@ -19,6 +19,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .families import CARD_KINDS
 from .lmms_eval_plugin.metrics import (
     ALL_TASKS,
     CARD_COLUMNS,
@@ -48,24 +49,6 @@ LMMS_EVAL_URL = "https://github.com/EvolvingLMMs-Lab/lmms-eval"
 TEMPLATE_DIR = resources.files(__package__) / "model_cards"
 
 
-@dataclass(frozen=True)
-class CardKind:
-    """What differs between the APT-LLaVA, APT-CLIP and APT-ViT cards."""
-
-    template: str
-    title: str
-    pipeline_tag: str
-    default_license: str  # the usual base model's license (LLaVA-1.5: Llama 2; OpenAI CLIP: MIT; Google ViT: Apache)
-    tags: tuple[str, ...]
-
-
-CARD_KINDS: dict[str, CardKind] = {
-    "llava": CardKind("apt_llava.md", "APT-LLaVA", "image-text-to-text", "llama2", ("llava", "vision-language")),
-    "clip": CardKind("apt_clip.md", "APT-CLIP", "image-feature-extraction", "mit", ("clip", "vision")),
-    "clip_full": CardKind("apt_clip.md", "APT-CLIP", "zero-shot-image-classification", "mit", ("clip", "vision")),
-    "vit": CardKind("apt_vit.md", "APT-ViT", "image-feature-extraction", "apache-2.0", ("vit", "vision")),
-    "vit_classifier": CardKind("apt_vit.md", "APT-ViT", "image-classification", "apache-2.0", ("vit", "vision")),
-}
 BASE_TAGS = ("apt", "adaptive-patch-transformers", "vision-transformer")
 # The oldest transformers the published remote code runs on: pyproject's floor (a test keeps the two equal).
 MIN_TRANSFORMERS = "5.23"
@@ -244,8 +227,11 @@ def render_model_card(
         eval_tasks=",".join(dict.fromkeys(s.task for s in eval_run.scores)) if eval_run else None,
         throughput_headers=throughput[0],
         throughput_rows=throughput[1],
-        classifier=kind == "vit_classifier",
-        zero_shot=kind == "clip_full",
+        classifier=spec.pipeline_tag == "image-classification",
+        zero_shot=spec.pipeline_tag == "zero-shot-image-classification",
+        family_name=spec.title.removeprefix("APT-"),
+        stock_class=spec.stock_class,
+        has_class_token=spec.has_class_token,
         min_transformers=MIN_TRANSFORMERS,
         training=training,
         paper_title=PAPER_TITLE,

@@ -1,10 +1,13 @@
-"""APT vision models: `AptCLIPVisionModel`, `AptViTModel`, `AptViTForImageClassification`.
+"""The machinery every APT vision model shares: APT's patch embedding (paper eq. 2), packing, outputs, and the
+model mixins (attention checks, init, saving, the packed forward).
 
-Each model is the stock transformers model with its patch embedding replaced by `AptPatchEmbeddings` (paper eq. 2)
-and its encoder run on one packed sequence [CLS_1, tokens_1..., CLS_2, tokens_2...]. Encoder layers, norms and
-pooler are transformers' own classes; only the attention function differs: the encoder's config is built with
-`attn_implementation="apt_packed"` (see `packed_attention.py`), which confines attention to each image with the
-backend the user chose (`model.config._attn_implementation`, read at every call).
+A family's vision model is the stock transformers model with its patch embedding replaced by an
+`AptPatchEmbeddings` subclass and its encoder run on one packed sequence: [CLS_1, tokens_1..., CLS_2, ...] for
+families with a class token, [tokens_1..., tokens_2...] for those without (`has_class_token`). Encoder layers, norms
+and pooling heads are transformers' own classes; only the attention function differs: the encoder's config is
+copied with `attn_implementation="apt_packed"` (see `packed_attention.py`), which confines attention to each image
+with the backend the user chose (`model.config._attn_implementation`, read at every call). The families themselves
+live in `modeling_apt_clip.py`, `modeling_apt_vit.py`, `modeling_apt_siglip.py` and `modeling_apt_llava.py`.
 
 Part of the remote-code set: imports only torch, transformers and sibling modules (relatively).
 """
@@ -18,40 +21,26 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionModel, PreTrainedModel, ViTForImageClassification, ViTModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.models.clip.modeling_clip import (
-    CLIPAttention,
-    CLIPEncoder,
-    CLIPEncoderLayer,
-    CLIPPreTrainedModel,
-    CLIPVisionEmbeddings,
-)
-from transformers.models.vit.modeling_vit import (
-    ViTAttention,
-    ViTEmbeddings,
-    ViTLayer,
-    ViTPooler,
-    ViTPreTrainedModel,
-)
 from transformers.utils import is_torch_flex_attn_available, logging
-from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_apt import APT_SETTINGS, AptCLIPVisionConfig, AptViTConfig
 from .packed_attention import (
     APT_PACKED,
     APT_VARLEN,
     INSTALL_HINTS,
     PackedSequences,
     default_attn_implementation,
+    equal_length_runs,
     varlen_problem,
 )
 from .patchify import (
     PatchLayout,
     base_patch_index,
     compute_layout,
+    crop_to_patch_grid,
     is_exporting,
     pack_base_patches,
     recover_uint8,
@@ -79,9 +68,15 @@ class _LayoutFields:
                              "outputs.hidden_states[-1] (run with output_hidden_states=True)")
         return states
 
+    @property
+    def has_class_token(self) -> bool:
+        """Whether each image's sequence starts with a class token (CLIP, ViT) or holds only its tokens (SigLIP)."""
+        return int(self.cu_seqlens[-1]) != int(self.tokens_per_image.sum())
+
     def per_image(self, hidden_states: torch.Tensor | None = None, drop_cls: bool = False) -> list[torch.Tensor]:
         """Split packed states (default: last_hidden_state) per image: [(L_i, D)], CLS first unless dropped."""
-        return split_per_image(self._states(hidden_states), self.cu_seqlens, drop_cls=drop_cls)
+        drop = drop_cls and self.has_class_token
+        return split_per_image(self._states(hidden_states), self.cu_seqlens, drop_cls=drop)
 
     def to_grid(self, hidden_states: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Grid view (paper §3.3) of packed states (default: last_hidden_state); see `expand_to_grid`."""
@@ -91,12 +86,14 @@ class _LayoutFields:
 @dataclass
 class AptModelOutput(_LayoutFields, BaseModelOutputWithPooling):
     r"""
-    last_hidden_state (`torch.FloatTensor` of shape `(1, sum(tokens_per_image + 1), hidden_size)`):
-        Packed states [CLS_1, tokens_1..., CLS_2, tokens_2...].
+    last_hidden_state (`torch.FloatTensor` of shape `(1, L, hidden_size)`):
+        Packed states [CLS_1, tokens_1..., CLS_2, tokens_2...] (L = sum(tokens_per_image + 1)), or
+        [tokens_1..., tokens_2...] for families without a class token (L = sum(tokens_per_image)).
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-        Per-image pooled output, computed exactly as the stock model does from its CLS token.
+        Per-image pooled output, computed exactly as the stock model computes it (from the CLS token, or SigLIP's
+        attention-pooling head over the image's own tokens).
     cu_seqlens (`torch.IntTensor` of shape `(batch_size + 1,)`):
-        Cumulative sequence lengths (CLS included): image i is rows cu_seqlens[i]:cu_seqlens[i + 1].
+        Cumulative sequence lengths (CLS included where there is one): image i is rows cu_seqlens[i]:cu_seqlens[i+1].
     attentions (`tuple` per layer of `tuple` per image of `torch.FloatTensor` `(num_heads, L_i, L_i)`):
         With `output_attentions=True` on eager: each image's attention over its own sequence [CLS, tokens...], rows
         and columns in the order of `per_image()`.
@@ -141,28 +138,34 @@ def split_per_image(
     return [p[1:] for p in parts] if drop_cls else list(parts)
 
 
-def drop_cls_tokens(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Packed (1, L, D) or (L, D) states -> (T, D): every image's tokens, in order, without the CLS rows."""
+def drop_cls_tokens(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, has_class_token: bool = True
+                    ) -> torch.Tensor:
+    """Packed (1, L, D) or (L, D) states -> (T, D): every image's tokens, in order, without the CLS rows (states of a
+    family without a class token come back as they are)."""
     states = hidden_states[0] if hidden_states.dim() == 3 else hidden_states
+    if not has_class_token:
+        return states
     keep = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
     keep[cu_seqlens[:-1].long().to(states.device)] = False
     return states[keep]
 
 
-def expand_to_grid(
-    hidden_states: torch.Tensor, layout: PatchLayout, has_cls: bool = True
-) -> torch.Tensor | list[torch.Tensor]:
+def expand_to_grid(hidden_states: torch.Tensor, layout: PatchLayout) -> torch.Tensor | list[torch.Tensor]:
     """Repeat each token over the 4**s base cells it covers (paper §3.3): the full (rows * cols, D) feature map.
 
-    `hidden_states`: packed (1, L, D) / (L, D) with one CLS per image (`has_cls`), or (T, D) tokens only.
+    `hidden_states`: packed (1, L, D) / (L, D) with one CLS per image (L = T + B), or tokens only (L = T).
     Returns (B, rows * cols, D) in raster order when all images share a grid, else a list of (rows_i * cols_i, D).
     """
     states = hidden_states[0] if hidden_states.dim() == 3 else hidden_states
     device = states.device
     layout = layout.to(device)
+    tokens, images = layout.patch_scales.shape[0], layout.tokens_per_image.shape[0]
+    if states.shape[0] not in (tokens, tokens + images):
+        raise ValueError(f"hidden_states: expected {tokens} token rows, or {tokens + images} with one class token per "
+                         f"image, for this layout; got {states.shape[0]}")
     cell, token = base_patch_index(layout)
     row = token
-    if has_cls:
+    if states.shape[0] == tokens + images:
         row = token + layout.image_of_token[token] + 1
     grid = states.new_empty(cell.shape[0], states.shape[-1])
     grid[cell] = states[row]
@@ -230,8 +233,11 @@ class AptPatchEmbeddings(nn.Module):
 
     E is the stock p x p patch projection; `merge_conv` (one Conv2d(D, D, 2, 2), PyTorch init) is shared by all
     scales and applied s times; `zero_mlp` (Linear(D, D), zero init) makes a converted model start as "resize
-    only". Subclasses expose the stock weights through `_projection`, `_position_table` and `_class_token`.
+    only". A family's subclass says whether its images carry a class token (`has_class_token`) and exposes the
+    stock weights through `_projection`, `_patch_positions` and `_class_embedding`.
     """
+
+    has_class_token: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -244,14 +250,17 @@ class AptPatchEmbeddings(nn.Module):
         nn.init.zeros_(self.zero_mlp.weight)
         nn.init.zeros_(self.zero_mlp.bias)
 
-    # Stock weights, overridden per model.
+    # Stock weights, overridden per family.
     def _projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The p x p patch projection's weight (D, C, p, p) and bias."""
         raise NotImplementedError
 
-    def _position_table(self) -> torch.Tensor:
+    def _patch_positions(self) -> torch.Tensor:
+        """(n * n, D): the pretrained position of every patch of the native n x n grid, raster order."""
         raise NotImplementedError
 
-    def _class_token(self) -> torch.Tensor:
+    def _class_embedding(self) -> torch.Tensor:
+        """(D,): the class token with its position (families with `has_class_token`)."""
         raise NotImplementedError
 
     @property
@@ -260,7 +269,7 @@ class AptPatchEmbeddings(nn.Module):
 
     def native_grid(self) -> int:
         """Side n of the pretrained (square) position grid."""
-        count = self._position_table().shape[0] - 1
+        count = self._patch_positions().shape[0]
         n = math.isqrt(count)
         if n * n != count:
             raise ValueError(f"position embeddings: expected a square grid of patch positions, got {count}")
@@ -312,11 +321,9 @@ class AptPatchEmbeddings(nn.Module):
             b, _, h, w = pixel_values.shape
             if b == 0:
                 raise ValueError(f"pixel_values: expected at least one image, got shape {tuple(pixel_values.shape)}")
-            if h % p or w % p:
-                hint = ""
-                if h < p or w < p:
-                    hint = " (packed base patches need patch_scales, patch_positions, tokens_per_image, image_grid_hw)"
-                raise ValueError(f"pixel_values: image sides must be multiples of patch_size={p}, got {h}x{w}{hint}")
+            if h < p or w < p:
+                raise ValueError(f"pixel_values: expected image sides of at least patch_size={p}, got {h}x{w} (packed "
+                                 f"base patches need patch_scales, patch_positions, tokens_per_image, image_grid_hw)")
             grids = torch.tensor([[h // p, w // p]], device=pixel_values.device)
             layout = None
         if not interpolate_pos_encoding and bool((grids != n).any()):
@@ -325,7 +332,8 @@ class AptPatchEmbeddings(nn.Module):
                 f"pixel_values: image of {rows * p}x{cols * p} pixels, but the position embeddings are for "
                 f"{n * p}x{n * p}; pass interpolate_pos_encoding=True to interpolate them (as the stock model does)"
             )
-        if layout is None:
+        if layout is None:  # the region the stock p x p conv sees: trailing pixels of a side are dropped
+            pixel_values = crop_to_patch_grid(pixel_values, p)
             layout = self._dense_layout(pixel_values)
             pixel_values = pack_base_patches(pixel_values, layout, p)
         return pixel_values, layout
@@ -343,10 +351,9 @@ class AptPatchEmbeddings(nn.Module):
 
     def _token_positions(self, layout: PatchLayout, num_scales_used: int) -> torch.Tensor:
         """(T, D) position of every token: pos_s of its image grid at (row >> s, col >> s)."""
-        table = self._position_table()
-        dim = table.shape[-1]
+        patch_table = self._patch_positions()
+        dim = patch_table.shape[-1]
         n = self.native_grid()
-        patch_table = table[1:]
         native = patch_table.reshape(1, n, n, dim).permute(0, 3, 1, 2)
         if is_exporting():  # every image on the native grid (checked by _check_exported_layout)
             grids, grid_of_image = [(n, n)], torch.zeros_like(layout.tokens_per_image)
@@ -374,10 +381,11 @@ class AptPatchEmbeddings(nn.Module):
         coarse = layout.patch_positions // _scale_sides(num_scales_used, device)[s, None]  # (row, col) >> s
         row, col = coarse[:, 0], coarse[:, 1]
         index = offsets_t[g, s] + row * widths_t[g, s] + col
-        return torch.cat(pieces).index_select(0, index.to(table.device))
+        return torch.cat(pieces).index_select(0, index.to(patch_table.device))
 
     def forward(self, pixel_values: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
-        """Base patches (N, C, p, p) in token order + layout -> packed embeddings (T + B, D), CLS first per image."""
+        """Base patches (N, C, p, p) in token order + layout -> packed embeddings: (T + B, D) with each image's CLS
+        first, or (T, D) for families without a class token."""
         weight, _ = self._projection()
         x = pixel_values.to(weight.dtype)
         scales = layout.patch_scales
@@ -412,9 +420,9 @@ class AptPatchEmbeddings(nn.Module):
                 resized = F.interpolate(block, size=(p, p), mode="bilinear", align_corners=False, antialias=False)
                 tokens.index_copy_(0, idx, self._embed(resized) + detail)
         tokens = tokens + self._token_positions(layout, num_used)
-
-        table = self._position_table()
-        cls = (self._class_token() + table[0]).to(tokens.dtype)
+        if not self.has_class_token:
+            return tokens
+        cls = self._class_embedding().to(tokens.dtype)
         tpi = layout.tokens_per_image
         batch = tpi.shape[0]
         device = tokens.device
@@ -463,38 +471,8 @@ def _as_index_tensor(value: Any, name: str, device: torch.device) -> torch.Tenso
     return tensor.long()
 
 
-class AptCLIPVisionEmbeddings(AptPatchEmbeddings, CLIPVisionEmbeddings):
-    """APT embeddings on `CLIPVisionEmbeddings` (weights: class_embedding, patch_embedding, position_embedding)."""
-
-    def _projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.patch_embedding.weight, self.patch_embedding.bias
-
-    def _position_table(self) -> torch.Tensor:
-        return self.position_embedding.weight
-
-    def _class_token(self) -> torch.Tensor:
-        return self.class_embedding
-
-
-class AptViTEmbeddings(AptPatchEmbeddings, ViTEmbeddings):
-    """APT embeddings on `ViTEmbeddings` (weights: cls_token, patch_embeddings.projection, position_embeddings)."""
-
-    def _projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        projection = self.patch_embeddings.projection
-        return projection.weight, projection.bias
-
-    def _position_table(self) -> torch.Tensor:
-        return self.position_embeddings[0]
-
-    def _class_token(self) -> torch.Tensor:
-        return self.cls_token[0, 0]
-
-    def forward(self, pixel_values: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
-        return self.dropout(super().forward(pixel_values, layout))
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Models
+# Models: what every APT model adds
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -521,31 +499,6 @@ def init_apt_layer(module: nn.Module) -> None:
         init.uniform_(module.bias, -bound, bound)
 
 
-def adopt_stock_weights(model: nn.Module, stock: nn.Module) -> None:
-    """Fill a meta-device APT model with the stock model's own tensors (adopted, not copied).
-
-    The layers APT adds (those marked `_apt_init`) are the only ones the stock model lacks; they are materialised
-    and initialised on the device and dtype of the stock embedding module that holds them.
-    """
-    new = {name for name, _ in model.named_apt_parameters()}
-    missing, unexpected = model.load_state_dict(stock.state_dict(keep_vars=True), strict=False, assign=True)
-    if unexpected or set(missing) - new:
-        raise ValueError(f"model_or_path: the stock weights do not match this APT model (missing "
-                         f"{sorted(set(missing) - new)}, unexpected {sorted(unexpected)})")
-    stock_buffers = dict(stock.named_buffers())
-    for name, buffer in list(model.named_buffers()):
-        if buffer.is_meta:  # non-persistent buffers (e.g. position_ids) are not in a state dict
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner).register_buffer(leaf, stock_buffers[name], persistent=False)
-    for name, module in model.named_modules():
-        if getattr(module, "_apt_init", None) is not None:
-            parent = model.get_submodule(name.rpartition(".")[0])
-            like = next(p for p in parent.parameters(recurse=False) if not p.is_meta)  # e.g. the class embedding
-            module.to_empty(device=like.device, recurse=False)
-            module.to(like.dtype)
-            init_apt_layer(module)
-
-
 class AptHubMixin:
     """`push_to_hub` with APT's model card (settings, usage, speed), the one `scripts/push_to_hub.py` writes.
 
@@ -562,14 +515,10 @@ class AptHubMixin:
         return publisher(self, repo_id, **kwargs)
 
 
-class AptPreTrainedMixin(AptHubMixin):
-    """What every APT model adds to its stock PreTrainedModel: attention checks, init, conversion, saving."""
+class AptAttentionMixin:
+    """Attention-implementation checks of the models that run APT's packed attention: "varlen" as the user's name
+    for `apt_varlen`, the fastest packed backend by default, and clear errors for kernels that are missing."""
 
-    _stock_class: type[PreTrainedModel] | None = None
-    _can_compile_fullgraph = False  # embedding/packing and attention run outside graphs (see _embed_packed)
-    _apt_auto_classes: tuple[str, ...] = ("AutoModel",)
-
-    # -- attention implementation ------------------------------------------------------------------------------
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         if requested_attention is None:
             return default_attn_implementation()
@@ -604,6 +553,37 @@ class AptPreTrainedMixin(AptHubMixin):
         except ImportError as err:
             raise _unavailable(attn_implementation, err) from err
 
+
+class AptPreTrainedMixin(AptHubMixin):
+    """What every APT model adds to its stock PreTrainedModel: init of APT's layers, conversion, saving; and what
+    each APT model class declares about itself, as plain data (apt_hf.families reads it, a test lists it):
+
+    - `apt_auto_map`: the Auto classes it serves -> the class of its file that serves each (save_pretrained writes
+      them as `auto_map`, `import apt_hf` registers them);
+    - `stock_class`: the transformers class whose weights it holds, one to one (what `apt_hf.convert` maps from);
+      `stock_containers`: stock classes that hold such a model as an attribute (a full CLIP's `vision_model`);
+    - `card_kind`: its model card (apt_hf.families.CARD_KINDS);
+    - `trainable_parts` / `layer_groups`: regexes on parameter names for `--trainable` and layer decay (timm style).
+    """
+
+    apt_auto_map: ClassVar[dict[str, str]] = {}
+    stock_class: ClassVar[type[PreTrainedModel] | None] = None
+    stock_containers: ClassVar[tuple[tuple[type[PreTrainedModel], str], ...]] = ()
+    card_kind: ClassVar[str] = ""
+    trainable_parts: ClassVar[dict[str, str]] = {}
+    layer_groups: ClassVar[dict[str, str]] = {}
+    # Set by `import apt_hf`: conversion from stock weights runs there, outside the remote-code set.
+    converter: ClassVar[Callable[..., PreTrainedModel] | None] = None
+    _can_compile_fullgraph = False  # embedding/packing and attention run outside graphs (see _embed_packed)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A class that declares `apt_auto_map` registers for the first Auto class it serves itself, so that
+        save_pretrained copies its code beside the weights (transformers' custom-code save)."""
+        super().__init_subclass__(**kwargs)
+        own = [auto for auto, target in cls.__dict__.get("apt_auto_map", {}).items() if target == cls.__name__]
+        if own:
+            cls.register_for_auto_class(own[0])
+
     # -- weights ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -625,42 +605,16 @@ class AptPreTrainedMixin(AptHubMixin):
 
     # -- conversion and saving --------------------------------------------------------------------------------
     @classmethod
-    def _from_stock(cls, model_or_path: Any, **kwargs: Any) -> PreTrainedModel:
-        """Build from a stock model (object, local path or hub id), keeping every pretrained weight."""
-        apt_fields = {k: kwargs.pop(k) for k in APT_SETTINGS if k in kwargs}
-        attn_implementation = kwargs.pop("attn_implementation", None)
-        if isinstance(model_or_path, nn.Module):
-            if kwargs:
-                raise ValueError(f"{cls.__name__}: loading options {sorted(kwargs)} only apply to a path or hub id")
-            stock = cls._pick_stock(model_or_path)
-        else:
-            stock = _load_quietly(cls._stock_class, model_or_path, kwargs, cls.__name__)
-            if "image_mean" not in apt_fields or "image_std" not in apt_fields:
-                apt_fields = {**_processor_stats(model_or_path, kwargs), **apt_fields}
-        attn = attn_implementation if attn_implementation is not None else stock.config._attn_implementation
-        config = cls.config_class.from_stock_config(stock.config, **apt_fields, attn_implementation=attn,
-                                                    base_model_name_or_path=stock.config.name_or_path or None)
-        with torch.device("meta"):
-            model = cls._build_like(config, stock)
-        adopt_stock_weights(model, stock)
-        model.config.architectures = [cls.__name__]
-        return model.train(stock.training)
-
-    @classmethod
-    def _pick_stock(cls, model: nn.Module) -> PreTrainedModel:
-        if isinstance(model, cls._stock_class):
-            return model
-        raise ValueError(f"{cls.__name__}: expected a {cls._stock_class.__name__}, a path or a hub id, "
-                         f"got {type(model).__name__}")
-
-    @classmethod
-    def _build_like(cls, config: Any, stock: PreTrainedModel) -> PreTrainedModel:
-        return cls(config)
+    def _convert(cls, model_or_path: Any, **kwargs: Any) -> PreTrainedModel:
+        """The stock model (object, path or hub id) as this APT class, every pretrained weight kept (apt_hf.convert)."""
+        if AptPreTrainedMixin.converter is None:
+            raise ValueError(f"{cls.__name__}: conversion from stock weights is part of apt_hf; pip install apt-hf and "
+                             "import apt_hf first")
+        return AptPreTrainedMixin.converter(cls, model_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         """Save weights and config with `auto_map` entries for every Auto class this model serves, plus the code."""
-        add_auto_map(self, {auto_class: _AUTO_TARGETS.get((type(self).__name__, auto_class), type(self).__name__)
-                            for auto_class in self._apt_auto_classes})
+        add_auto_map(self, self.apt_auto_map)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
@@ -676,48 +630,10 @@ def add_auto_map(model: nn.Module, targets: dict[str, str]) -> None:
     model.config.auto_map = auto_map
 
 
-def _load_quietly(stock_class: type[PreTrainedModel], path: str, kwargs: dict[str, Any], name: str) -> PreTrainedModel:
-    """`stock_class.from_pretrained` without transformers' load report, which lists keys that are dropped by design
-    (a full CLIP's text tower, a classifier's head); weights initialised fresh are named once instead."""
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        stock, info = stock_class.from_pretrained(path, output_loading_info=True, **kwargs)
-    finally:
-        logging.set_verbosity(verbosity)
-    fresh = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
-    if fresh:
-        logger.warning(f"{name}: {path} has no weights for {', '.join(fresh)} (e.g. a classifier checkpoint has no "
-                       f"pooler); they are initialised fresh, as {stock_class.__name__}.from_pretrained does")
-    return stock
-
-
 def _unavailable(requested: str | None, err: Exception) -> ValueError:
     hint = INSTALL_HINTS.get(str(requested), "install the package it needs")
     return ValueError(f"attn_implementation={requested!r} is not available here ({err}); {hint}, "
                       "or use 'sdpa', 'eager' or 'flex_attention'")
-
-
-def _processor_stats(path: str, load_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """image_mean / image_std of the checkpoint's image processor, when it has one."""
-    from transformers.image_processing_base import ImageProcessingMixin
-
-    keys = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
-    try:
-        settings, _ = ImageProcessingMixin.get_image_processor_dict(
-            path, **{k: v for k, v in load_kwargs.items() if k in keys}
-        )
-    except (OSError, ValueError):
-        return {}
-    return {k: settings[k] for k in ("image_mean", "image_std") if settings.get(k) is not None}
-
-
-# (model class, Auto class) -> class that serves it, when not the model itself.
-_AUTO_TARGETS = {("AptViTForImageClassification", "AutoModel"): "AptViTModel"}
-
-
-def _cls_rows(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    return cu_seqlens[:-1].long()
 
 
 def _layout_fields(layout: PatchLayout, cu_seqlens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -753,16 +669,21 @@ def _embed_packed(
     """
     embeddings = model.embeddings
     base, layout = embeddings.prepare_inputs(pixel_values, layout_inputs, interpolate_pos_encoding)
-    lengths = layout.tokens_per_image + 1
+    lengths = layout.tokens_per_image + int(embeddings.has_class_token)
     cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
     hidden = embeddings(base, layout)[None]
     exported_length = hidden.shape[1] if is_exporting() else None
-    packing = PackedSequences(cu_seqlens, model.config._attn_implementation or "sdpa", hidden.device, exported_length)
+    packing = PackedSequences(cu_seqlens, model.config._attn_implementation or "sdpa", hidden.device,
+                              type(model).eager_attention, exported_length)
     return hidden, layout, cu_seqlens, packing
 
 
-class AptVisionModelMixin(AptPreTrainedMixin):
-    """The forward both vision models share: embed (paper eq. 2) -> the stock encoder, packed -> pool per image."""
+class AptVisionModelMixin(AptAttentionMixin, AptPreTrainedMixin):
+    """The forward every family's vision model shares: embed (paper eq. 2) -> the stock encoder, packed -> pool per
+    image. A family adds `_encode_and_pool` and declares `eager_attention`, its transformers model's eager attention
+    function (the one private coupling a family needs: eager must stay bit-identical to the stock model)."""
+
+    eager_attention: ClassVar[Callable[..., Any] | None] = None
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
@@ -784,203 +705,41 @@ class AptVisionModelMixin(AptPreTrainedMixin):
         layout_inputs = dict(zip(PatchLayout.KEYS, (patch_scales, patch_positions, tokens_per_image, image_grid_hw),
                                  strict=True))
         hidden, layout, cu_seqlens, packing = _embed_packed(self, pixel_values, layout_inputs, interpolate_pos_encoding)
-        last_hidden_state, pooled = self._encode_and_pool(hidden, cu_seqlens, apt_packing=packing, **kwargs)
+        last_hidden_state, pooled = self._encode_and_pool(hidden, packing, **kwargs)
         return AptModelOutput(last_hidden_state=last_hidden_state, pooler_output=pooled,
                               **_layout_fields(layout, cu_seqlens))
 
-    def _encode_and_pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
+    def _encode_and_pool(self, hidden: torch.Tensor, packing: PackedSequences,
                          **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Packed embeddings (1, L, D) -> (last_hidden_state, pooler_output), as the stock model computes them."""
+        """Packed embeddings (1, L, D) -> (last_hidden_state, pooler_output), as the stock model computes them; the
+        encoder gets `packing` as its attention mask (see `packed_attention`)."""
         raise NotImplementedError
 
 
-class AptCLIPVisionModel(AptVisionModelMixin, CLIPPreTrainedModel):
-    """`CLIPVisionModel` with adaptive patches: same weights and outputs per image, packed sequence."""
-
-    config_class = AptCLIPVisionConfig
-    config: AptCLIPVisionConfig
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    _input_embed_layer = "patch_embedding"
-    _no_split_modules = ["CLIPEncoderLayer", "AptCLIPVisionEmbeddings"]
-    _can_record_outputs = {"hidden_states": CLIPEncoderLayer, "attentions": CLIPAttention}
-    _stock_class = CLIPVisionModel
-
-    def __init__(self, config: AptCLIPVisionConfig) -> None:
-        super().__init__(config)
-        embed_dim = config.hidden_size
-        self.embeddings = AptCLIPVisionEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
-        self.encoder = CLIPEncoder(_packed_encoder_config(config))
-        self.post_layernorm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
-        self.post_init()
-
-    @classmethod
-    def from_clip(cls, model_or_path: Any, **kwargs: Any) -> "AptCLIPVisionModel":
-        """Convert a CLIP vision tower (CLIPVisionModel / CLIPModel / ...WithProjection object, path or hub id).
-
-        kwargs: the APT fields (num_scales, thresholds, scorer, entropy_bins), image_mean / image_std (default:
-        the checkpoint's image processor), attn_implementation, and from_pretrained options for paths.
-        """
-        return cls._from_stock(model_or_path, **kwargs)
-
-    @classmethod
-    def _pick_stock(cls, model: nn.Module) -> PreTrainedModel:
-        tower = getattr(model, "vision_model", None)
-        if isinstance(model, CLIPVisionModel):
-            return model
-        if isinstance(tower, CLIPVisionModel):
-            return tower
-        raise ValueError(f"{cls.__name__}.from_clip: expected a CLIPVisionModel, a CLIP model with .vision_model, a "
-                         f"path or a hub id, got {type(model).__name__}")
-
-    def _encode_and_pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
-                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        states = self.encoder(inputs_embeds=self.pre_layrnorm(hidden), **kwargs).last_hidden_state
-        return states, self.post_layernorm(states[0, _cls_rows(cu_seqlens)])
+def first_token_rows(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The row of each image's first token (its CLS) in the packed sequence."""
+    return cu_seqlens[:-1].long()
 
 
-class AptViTModel(AptVisionModelMixin, ViTPreTrainedModel):
-    """`ViTModel` with adaptive patches: same weights and outputs per image, packed sequence."""
-
-    config_class = AptViTConfig
-    config: AptViTConfig
-    _no_split_modules = ["AptViTEmbeddings", "ViTLayer"]
-    _can_record_outputs = {"hidden_states": ViTLayer, "attentions": ViTAttention}
-    _stock_class = ViTModel
-
-    def __init__(self, config: AptViTConfig, add_pooling_layer: bool = True) -> None:
-        super().__init__(config)
-        self.embeddings = AptViTEmbeddings(config)
-        encoder_config = _packed_encoder_config(config)
-        self.layers = nn.ModuleList([ViTLayer(encoder_config) for _ in range(config.num_hidden_layers)])
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.pooler = ViTPooler(config) if add_pooling_layer else None
-        self.post_init()
-
-    @classmethod
-    def from_vit(cls, model_or_path: Any, **kwargs: Any) -> "AptViTModel":
-        """Convert a ViTModel (object, path or hub id; a ViTForImageClassification gives its .vit).
-
-        kwargs: the APT fields, image_mean / image_std (default: the checkpoint's image processor),
-        attn_implementation, and from_pretrained options for paths.
-        """
-        return cls._from_stock(model_or_path, **kwargs)
-
-    @classmethod
-    def _pick_stock(cls, model: nn.Module) -> PreTrainedModel:
-        if isinstance(model, ViTModel):
-            return model
-        if isinstance(getattr(model, "vit", None), ViTModel):
-            return model.vit
-        raise ValueError(f"{cls.__name__}.from_vit: expected a ViTModel (or a model with .vit), a path or a hub id, "
-                         f"got {type(model).__name__}")
-
-    @classmethod
-    def _build_like(cls, config: Any, stock: PreTrainedModel) -> PreTrainedModel:
-        return cls(config, add_pooling_layer=stock.pooler is not None)
-
-    def _encode_and_pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
-                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        for layer in self.layers:
-            hidden = layer(hidden, None, **kwargs)
-        states = self.layernorm(hidden)
-        cls_states = states[:, _cls_rows(cu_seqlens)]  # (1, B, D)
-        return states, self.pooler(cls_states.transpose(0, 1)) if self.pooler is not None else None
-
-
-class AptViTForImageClassification(AptPreTrainedMixin, ViTPreTrainedModel):
-    """`ViTForImageClassification` with adaptive patches: logits from each image's CLS token."""
-
-    config_class = AptViTConfig
-    config: AptViTConfig
-    _no_split_modules = ["AptViTEmbeddings", "ViTLayer"]
-    _can_record_outputs = {"hidden_states": ViTLayer, "attentions": ViTAttention}
-    _stock_class = ViTForImageClassification
-    _apt_auto_classes = ("AutoModel", "AutoModelForImageClassification")
-    # Plain data, read by apt_hf.training.trainable: regexes matched (re.match) against `named_parameters()` names.
-    # `trainable_parts`: what `finetune_vit.py --trainable` names (APT's new layers, the pretrained embeddings, the
-    # encoder layers, the head: final layernorm + classifier). `layer_groups`, in timm's `group_matcher` format: the
-    # stem (the pretrained embeddings), then the numbered blocks; whatever neither matches (final layernorm,
-    # classifier, APT's new layers, which start from scratch) is the top group and keeps the full learning rate.
-    trainable_parts: ClassVar[dict[str, str]] = {
-        "apt": r"^vit\.embeddings\.(?:merge_conv|zero_mlp)\.",
-        "embeddings": r"^vit\.embeddings\.(?!(?:merge_conv|zero_mlp)\.)",
-        "encoder": r"^vit\.layers\.",
-        "head": r"^(?:vit\.layernorm|classifier)\.",
-    }
-    layer_groups: ClassVar[dict[str, str]] = {
-        "stem": r"^vit\.embeddings\.(?!(?:merge_conv|zero_mlp)\.)",
-        "blocks": r"^vit\.layers\.(\d+)\.",
-    }
-
-    def __init__(self, config: AptViTConfig) -> None:
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.vit = AptViTModel(config, add_pooling_layer=False)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        self.post_init()
-
-    @classmethod
-    def from_vit(cls, model_or_path: Any, **kwargs: Any) -> "AptViTForImageClassification":
-        """Convert a ViTForImageClassification (object, path or hub id), classifier included."""
-        return cls._from_stock(model_or_path, **kwargs)
-
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        patch_scales: torch.Tensor | None = None,
-        patch_positions: torch.Tensor | None = None,
-        tokens_per_image: torch.Tensor | None = None,
-        image_grid_hw: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool | None = None,
-        **kwargs: Any,
-    ) -> AptImageClassifierOutput:
-        r"""
-        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): as `ViTForImageClassification`.
-        Other inputs: as `AptViTModel.forward`.
-        """
-        outputs = self.vit(pixel_values, patch_scales, patch_positions, tokens_per_image, image_grid_hw,
-                           interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
-        logits = self.classifier(outputs.last_hidden_state[0, _cls_rows(outputs.cu_seqlens)])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels, logits, self.config, **kwargs)
-        return AptImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-            **_layout_fields(outputs.layout, outputs.cu_seqlens),
-        )
-
-
-AptCLIPVisionModel.register_for_auto_class("AutoModel")
-AptViTModel.register_for_auto_class("AutoModel")
-AptViTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
-
-
-def register_auto_classes() -> None:
-    """Register the APT configs and models with transformers' Auto classes (called by `import apt_hf`)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
-
-    AutoConfig.register(AptCLIPVisionConfig.model_type, AptCLIPVisionConfig, exist_ok=True)
-    AutoConfig.register(AptViTConfig.model_type, AptViTConfig, exist_ok=True)
-    AutoModel.register(AptCLIPVisionConfig, AptCLIPVisionModel, exist_ok=True)
-    AutoModel.register(AptViTConfig, AptViTModel, exist_ok=True)
-    AutoModelForImageClassification.register(AptViTConfig, AptViTForImageClassification, exist_ok=True)
+def pool_per_image(pool: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, cu_seqlens: torch.Tensor
+                   ) -> torch.Tensor:
+    """(B, D): a stock pooling module (B, L, D) -> (B, D) run on each image's own rows of packed (1, L, D) states,
+    once per run of equal-length images (views, no padding), so that no image sees another's tokens."""
+    outputs = [pool(states[0, start: start + length * count].view(count, length, -1))
+               for start, length, count in equal_length_runs(cu_seqlens)]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 __all__ = [
-    "AptCLIPVisionModel",
-    "AptViTModel",
-    "AptViTForImageClassification",
     "AptPatchEmbeddings",
     "AptHubMixin",
+    "AptAttentionMixin",
+    "AptPreTrainedMixin",
+    "AptVisionModelMixin",
     "AptModelOutput",
     "AptImageClassifierOutput",
     "split_per_image",
     "drop_cls_tokens",
-    "packed_dynamic_shapes",
     "expand_to_grid",
-    "register_auto_classes",
+    "packed_dynamic_shapes",
 ]

@@ -1,47 +1,116 @@
-"""Full CLIP with APT on the vision side: `AptCLIPModel`, for zero-shot image classification and retrieval.
+"""The CLIP family: `AptCLIPVisionModel` (the vision tower) and `AptCLIPModel` (full CLIP, zero-shot).
 
-The text tower, both projections and `logit_scale` are transformers' own `CLIPModel` modules; the vision tower is
-an `AptCLIPVisionModel` (adaptive patches, packed sequence). `CLIPModel.forward` computes the logits as usual;
-this class couples to it only through its override points, `get_image_features` (which takes the processor's
-packed layout keys) and `get_text_features` (which leaves them out, as they are the image tower's).
+`AptCLIPVisionModel` is transformers' `CLIPVisionModel` with adaptive patches. In `AptCLIPModel` the text tower, both
+projections and `logit_scale` are transformers' own `CLIPModel` modules and the vision tower is an
+`AptCLIPVisionModel`; `CLIPModel.forward` computes the logits as usual, coupled only through its override points,
+`get_image_features` (which takes the processor's packed layout keys) and `get_text_features` (which leaves them out,
+as they are the image tower's).
 
 Part of the remote-code set: imports only torch, transformers and sibling modules (relatively).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel, PreTrainedConfig
-from transformers.models.clip.modeling_clip import CLIPOutput, CLIPPreTrainedModel
+from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers.models.clip.modeling_clip import (
+    CLIPAttention,
+    CLIPEncoder,
+    CLIPEncoderLayer,
+    CLIPOutput,
+    CLIPPreTrainedModel,
+    CLIPVisionEmbeddings,
+)
+from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention_forward
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_apt import APT_SETTINGS, AptCLIPConfig
+from .configuration_apt import AptCLIPConfig, AptCLIPVisionConfig
 from .modeling_apt import (
-    AptCLIPVisionModel,
-    AptHubMixin,
     AptModelOutput,
-    _load_quietly,
-    _processor_stats,
-    add_auto_map,
-    adopt_stock_weights,
+    AptPatchEmbeddings,
+    AptPreTrainedMixin,
+    AptVisionModelMixin,
+    _packed_encoder_config,
+    first_token_rows,
 )
-from .packed_attention import APT_VARLEN
+from .packed_attention import PackedSequences
 from .patchify import PatchLayout
 
-# Attention backends only APT's packed vision tower has: a str naming one applies to the vision tower alone.
-_VISION_ONLY_ATTN = ("varlen", APT_VARLEN)
-_CONFIG_LOAD_OPTIONS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+_APT_LAYERS = r"(?:merge_conv|zero_mlp)\."
+
+
+class AptCLIPVisionEmbeddings(AptPatchEmbeddings, CLIPVisionEmbeddings):
+    """APT embeddings on `CLIPVisionEmbeddings` (weights: class_embedding, patch_embedding, position_embedding)."""
+
+    def _projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.patch_embedding.weight, self.patch_embedding.bias
+
+    def _patch_positions(self) -> torch.Tensor:
+        return self.position_embedding.weight[1:]
+
+    def _class_embedding(self) -> torch.Tensor:
+        return self.class_embedding + self.position_embedding.weight[0]
+
+
+class AptCLIPVisionModel(AptVisionModelMixin, CLIPPreTrainedModel):
+    """`CLIPVisionModel` with adaptive patches: same weights and outputs per image, packed sequence."""
+
+    config_class = AptCLIPVisionConfig
+    config: AptCLIPVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _input_embed_layer = "patch_embedding"
+    _no_split_modules = ["CLIPEncoderLayer", "AptCLIPVisionEmbeddings"]
+    _can_record_outputs = {"hidden_states": CLIPEncoderLayer, "attentions": CLIPAttention}
+    apt_auto_map: ClassVar[dict[str, str]] = {"AutoModel": "AptCLIPVisionModel"}
+    stock_class = CLIPVisionModel
+    stock_containers = ((CLIPModel, "vision_model"), (CLIPVisionModelWithProjection, "vision_model"))
+    card_kind = "clip"
+    eager_attention = staticmethod(clip_eager_attention_forward)
+    trainable_parts: ClassVar[dict[str, str]] = {
+        "apt": rf"^embeddings\.{_APT_LAYERS}",
+        "embeddings": rf"^(?:embeddings\.(?!{_APT_LAYERS})|pre_layrnorm\.)",
+        "encoder": r"^encoder\.",
+        "head": r"^post_layernorm\.",
+    }
+    layer_groups: ClassVar[dict[str, str]] = {
+        "stem": rf"^(?:embeddings\.(?!{_APT_LAYERS})|pre_layrnorm\.)",
+        "blocks": r"^encoder\.layers\.(\d+)\.",
+    }
+
+    def __init__(self, config: AptCLIPVisionConfig) -> None:
+        super().__init__(config)
+        embed_dim = config.hidden_size
+        self.embeddings = AptCLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
+        self.encoder = CLIPEncoder(_packed_encoder_config(config))
+        self.post_layernorm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
+        self.post_init()
+
+    @classmethod
+    def from_clip(cls, model_or_path: Any, **kwargs: Any) -> AptCLIPVisionModel:
+        """Convert a CLIP vision tower (CLIPVisionModel / CLIPModel / ...WithProjection object, path or hub id).
+
+        kwargs: the APT fields (num_scales, thresholds, scorer, entropy_bins), image_mean / image_std (default:
+        the checkpoint's image processor), attn_implementation, and from_pretrained options for paths.
+        """
+        return cls._convert(model_or_path, **kwargs)
+
+    def _encode_and_pool(self, hidden: torch.Tensor, packing: PackedSequences,
+                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        states = self.encoder(inputs_embeds=self.pre_layrnorm(hidden), attention_mask=packing,
+                              **kwargs).last_hidden_state
+        return states, self.post_layernorm(states[0, first_token_rows(packing.cu_seqlens)])
 
 
 def _layout_kwargs(patch_scales: Any, patch_positions: Any, tokens_per_image: Any, image_grid_hw: Any) -> dict:
     return dict(zip(PatchLayout.KEYS, (patch_scales, patch_positions, tokens_per_image, image_grid_hw), strict=True))
 
 
-class AptCLIPModel(AptHubMixin, CLIPModel):
+class AptCLIPModel(AptPreTrainedMixin, CLIPModel):
     """`CLIPModel` whose vision tower is an `AptCLIPVisionModel`: same text tower, projections and logits.
 
     `forward` takes the text inputs (`input_ids`, `attention_mask`) and either the `AptImageProcessor` output
@@ -53,7 +122,20 @@ class AptCLIPModel(AptHubMixin, CLIPModel):
     config_class = AptCLIPConfig
     config: AptCLIPConfig
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings", "AptCLIPVisionEmbeddings"]
-    _can_compile_fullgraph = False  # the vision tower's packing is data-dependent
+    apt_auto_map: ClassVar[dict[str, str]] = {"AutoModel": "AptCLIPModel",
+                                              "AutoModelForZeroShotImageClassification": "AptCLIPModel"}
+    stock_class = CLIPModel
+    card_kind = "clip_full"
+    trainable_parts: ClassVar[dict[str, str]] = {
+        "apt": rf"^vision_model\.embeddings\.{_APT_LAYERS}",
+        "vision_tower": r"^vision_model\.",
+        "text_tower": r"^text_model\.",
+        "projections": r"^(?:visual_projection|text_projection|logit_scale)",
+    }
+    layer_groups: ClassVar[dict[str, str]] = {
+        "stem": rf"^vision_model\.(?:embeddings\.(?!{_APT_LAYERS})|pre_layrnorm\.)",
+        "blocks": r"^vision_model\.encoder\.layers\.(\d+)\.",
+    }
 
     def __init__(self, config: AptCLIPConfig) -> None:
         CLIPPreTrainedModel.__init__(self, config)
@@ -134,16 +216,7 @@ class AptCLIPModel(AptHubMixin, CLIPModel):
                                position_ids=position_ids, return_loss=return_loss,
                                interpolate_pos_encoding=interpolate_pos_encoding, **layout, **kwargs)
 
-    # -- APT parameters ---------------------------------------------------------------------------------------
-    def named_apt_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The parameters APT adds to the vision tower (merge conv, zero-MLP), by name."""
-        return [(f"vision_model.{name}", p) for name, p in self.vision_model.named_apt_parameters()]
-
-    def apt_parameters(self) -> list[nn.Parameter]:
-        """The parameters APT adds (merge conv, zero-MLP); everything else is the pretrained CLIP."""
-        return [p for _, p in self.named_apt_parameters()]
-
-    # -- conversion and saving --------------------------------------------------------------------------------
+    # -- conversion -------------------------------------------------------------------------------------------
     @classmethod
     def from_clip(cls, model_or_path: Any, **kwargs: Any) -> AptCLIPModel:
         """Convert a full `CLIPModel` (object, local path or hub id such as `openai/clip-vit-large-patch14`).
@@ -154,82 +227,7 @@ class AptCLIPModel(AptHubMixin, CLIPModel):
         sets each), and from_pretrained options (dtype, revision, ...) for paths. The stock tensors are adopted,
         not copied. For the vision tower alone, use `AptCLIPVisionModel.from_clip`.
         """
-        apt = {k: kwargs.pop(k) for k in APT_SETTINGS if k in kwargs}
-        attn = kwargs.pop("attn_implementation", None)
-        if isinstance(model_or_path, nn.Module):
-            if kwargs:
-                raise ValueError(f"{cls.__name__}.from_clip: loading options {sorted(kwargs)} only apply to a path "
-                                 "or hub id")
-            stock = model_or_path
-        elif isinstance(model_or_path, (str, os.PathLike)):
-            path = os.fspath(model_or_path)
-            _check_full_clip_checkpoint(path, kwargs)
-            apt = {**_processor_stats(path, kwargs), **apt}  # the checkpoint's pixel statistics
-            stock = _load_quietly(CLIPModel, path, kwargs, cls.__name__)
-        else:
-            raise ValueError(f"model_or_path: expected a CLIPModel, a path or a hub id, got "
-                             f"{type(model_or_path).__name__}")
-        if isinstance(stock, cls):
-            raise ValueError(f"model_or_path: expected a stock CLIPModel, got an {cls.__name__} (already converted)")
-        if not isinstance(stock, CLIPModel):
-            hint = ""
-            if isinstance(stock, CLIPVisionModel) or isinstance(getattr(stock, "vision_model", None), CLIPVisionModel):
-                hint = " (a vision tower without the text tower: use AptCLIPVisionModel.from_clip for it)"
-            raise ValueError(f"model_or_path: expected a full CLIPModel (text and vision towers), got "
-                             f"{type(stock).__name__}{hint}")
-        config = AptCLIPConfig.from_stock_config(stock.config, **apt, attn_implementation=_attn_settings(stock, attn),
-                                                 base_model_name_or_path=stock.config.name_or_path or None)
-        with torch.device("meta"):
-            model = cls(config)
-        adopt_stock_weights(model, stock)
-        model.config.architectures = [cls.__name__]
-        return model.train(stock.training)
-
-    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-        """transformers' save, with `auto_map` for AutoModel and AutoModelForZeroShotImageClassification, plus the
-        code, so that `pipeline("zero-shot-image-classification", model=dir, trust_remote_code=True)` loads it."""
-        add_auto_map(self, {"AutoModel": type(self).__name__,
-                            "AutoModelForZeroShotImageClassification": type(self).__name__})
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        return cls._convert(model_or_path, **kwargs)
 
 
-def _attn_settings(stock: CLIPModel, requested: str | dict[str, Any] | None) -> dict[str, Any]:
-    """Per-tower attention implementations: the stock model's, or the requested one (a vision-only one for the vision
-    tower alone)."""
-    settings = {"": stock.config._attn_implementation,
-                "vision_config": stock.config.vision_config._attn_implementation,
-                "text_config": stock.config.text_config._attn_implementation}
-    if isinstance(requested, dict):
-        return {**settings, **requested}
-    if requested is None:
-        return settings
-    if requested in _VISION_ONLY_ATTN:
-        return {**settings, "vision_config": requested}
-    return {"": requested, "vision_config": requested, "text_config": requested}
-
-
-def _check_full_clip_checkpoint(path: str, load_kwargs: dict[str, Any]) -> None:
-    """Refuse, before loading weights, a checkpoint that is not a full CLIP (CLIPModel would invent a text tower)."""
-    options = {k: v for k, v in load_kwargs.items() if k in _CONFIG_LOAD_OPTIONS}
-    settings, _ = PreTrainedConfig.get_config_dict(path, **options)
-    model_type = settings.get("model_type")
-    if model_type != "clip":
-        hint = " (a vision tower: use AptCLIPVisionModel.from_clip)" if model_type == "clip_vision_model" else ""
-        raise ValueError(f"model_or_path: expected a full CLIP checkpoint (model_type 'clip'), {path} holds "
-                         f"model_type={model_type!r}{hint}")
-
-
-# save_pretrained writes auto_map and copies this file and its relative imports (remote code).
-AptCLIPModel.register_for_auto_class("AutoModelForZeroShotImageClassification")
-
-
-def register_auto_classes() -> None:
-    """Register AptCLIPConfig / AptCLIPModel with the Auto classes (called by `import apt_hf`)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
-
-    AutoConfig.register(AptCLIPConfig.model_type, AptCLIPConfig, exist_ok=True)
-    AutoModel.register(AptCLIPConfig, AptCLIPModel, exist_ok=True)
-    AutoModelForZeroShotImageClassification.register(AptCLIPConfig, AptCLIPModel, exist_ok=True)
-
-
-__all__ = ["AptCLIPModel", "register_auto_classes"]
+__all__ = ["AptCLIPVisionEmbeddings", "AptCLIPVisionModel", "AptCLIPModel"]

@@ -22,23 +22,31 @@ from transformers import AutoModel, LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaModel, LlavaMultiModalProjector, LlavaPreTrainedModel
 
-from .configuration_apt import APT_SETTINGS, AptLlavaConfig, declared_settings
-from .modeling_apt import (
-    AptCLIPVisionModel,
-    AptHubMixin,
-    _processor_stats,
-    add_auto_map,
-    adopt_stock_weights,
-    drop_cls_tokens,
-    expand_to_grid,
-)
+from .configuration_apt import AptLlavaConfig
+from .modeling_apt import AptPreTrainedMixin, drop_cls_tokens, expand_to_grid
+from .modeling_apt_clip import AptCLIPVisionModel
 from .patchify import PatchLayout
 
+_TOWER_APT_LAYERS = r"^model\.vision_tower\.embeddings\.(?:merge_conv|zero_mlp)\."
 
-class AptLlavaModel(AptHubMixin, LlavaModel):
+
+class AptLlavaModel(AptPreTrainedMixin, LlavaModel):
     """`LlavaModel` whose tower is an `AptCLIPVisionModel`; only image feature extraction differs."""
 
     config_class = AptLlavaConfig
+    apt_auto_map: ClassVar[dict[str, str]] = {"AutoModel": "AptLlavaModel"}
+    stock_class = LlavaModel
+    card_kind = "llava"
+    trainable_parts: ClassVar[dict[str, str]] = {
+        "apt": r"^vision_tower\.embeddings\.(?:merge_conv|zero_mlp)\.",
+        "projector": r"^multi_modal_projector\.",
+        "language_model": r"^language_model\.",
+        "vision_tower": r"^vision_tower\.",
+    }
+    layer_groups: ClassVar[dict[str, str]] = {
+        "stem": r"^vision_tower\.(?:embeddings\.(?!(?:merge_conv|zero_mlp)\.)|pre_layrnorm\.)",
+        "blocks": r"^vision_tower\.encoder\.layers\.(\d+)\.",
+    }
 
     def __init__(self, config: AptLlavaConfig) -> None:
         LlavaPreTrainedModel.__init__(self, config)
@@ -86,12 +94,11 @@ class AptLlavaModel(AptHubMixin, LlavaModel):
         layers = [layer] if isinstance(layer, int) else list(layer)
         states = torch.cat([tower.hidden_states[i][0] for i in layers], dim=-1)  # packed (L, D')
         if strategy == "default":
-            states = drop_cls_tokens(states, tower.cu_seqlens)
+            states = drop_cls_tokens(states, tower.cu_seqlens, tower.has_class_token)
         features = self.multi_modal_projector(states)  # per token; projecting before the grid expansion is cheaper
         if self.config.vision_feature_layout == "grid":
-            grid = expand_to_grid(features, tower.layout, has_cls=strategy != "default")
-            per_image = list(grid)
-            if strategy != "default":  # "full": CLS first, then the grid
+            per_image = list(expand_to_grid(features, tower.layout))
+            if strategy != "default" and tower.has_class_token:  # "full": CLS first, then the grid
                 cls = features[tower.cu_seqlens[:-1].long()]
                 per_image = [torch.cat([c[None], g]) for c, g in zip(cls, per_image, strict=True)]
         else:
@@ -161,17 +168,20 @@ class AptLlavaModel(AptHubMixin, LlavaModel):
                                mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 
 
-class AptLlavaForConditionalGeneration(AptHubMixin, LlavaForConditionalGeneration):
+class AptLlavaForConditionalGeneration(AptPreTrainedMixin, LlavaForConditionalGeneration):
     """LLaVA-1.5 with APT as its vision tower; generation, loss and caching are transformers' own."""
 
     config_class = AptLlavaConfig
-    # Plain data, read by apt_hf.training.trainable: regexes matched (re.match) against `named_parameters()` names.
+    apt_auto_map: ClassVar[dict[str, str]] = {"AutoModel": "AptLlavaModel",
+                                              "AutoModelForImageTextToText": "AptLlavaForConditionalGeneration"}
+    stock_class = LlavaForConditionalGeneration
+    card_kind = "llava"
     # `trainable_parts`: what `finetune_llava.py --trainable` names (APT's new layers, the projector, the language
     # model with its head, the whole vision tower). `layer_groups`, in timm's `group_matcher` format: the stem, then
     # the numbered blocks; whatever neither matches (APT's new layers, projector, language model) is the top group,
     # so layer-wise LR decay runs down the vision tower, the part APT changes.
     trainable_parts: ClassVar[dict[str, str]] = {
-        "apt": r"^model\.vision_tower\.embeddings\.(?:merge_conv|zero_mlp)\.",
+        "apt": _TOWER_APT_LAYERS,
         "projector": r"^model\.multi_modal_projector\.",
         "language_model": r"^(?:model\.language_model|lm_head)\.",
         "vision_tower": r"^model\.vision_tower\.",
@@ -207,19 +217,6 @@ class AptLlavaForConditionalGeneration(AptHubMixin, LlavaForConditionalGeneratio
         return super().forward(input_ids=input_ids, pixel_values=pixel_values, mm_encoder_outputs=mm_encoder_outputs,
                                **layout, **kwargs)
 
-    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-        """transformers' save, with `AutoModel` in `auto_map` (the base model, as stock LLaVA's AutoModel gives)."""
-        add_auto_map(self, {"AutoModel": "AptLlavaModel"})
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-    def apt_parameters(self) -> list[nn.Parameter]:
-        """The parameters APT adds to the tower (merge conv, zero-MLP)."""
-        return self.model.vision_tower.apt_parameters()
-
-    def named_apt_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        prefix = "model.vision_tower."
-        return [(prefix + name, p) for name, p in self.model.vision_tower.named_apt_parameters()]
-
     @classmethod
     def from_llava(
         cls, model_or_path: Any, vision_feature_layout: str = "packed", **kwargs: Any
@@ -230,43 +227,7 @@ class AptLlavaForConditionalGeneration(AptHubMixin, LlavaForConditionalGeneratio
         image_mean / image_std, and from_pretrained options (dtype, attn_implementation, ...) for paths.
         The stock tensors are adopted, not copied, so converting a 7B model needs no second copy in memory.
         """
-        apt = {k: kwargs.pop(k) for k in APT_SETTINGS if k in kwargs}
-        if isinstance(model_or_path, nn.Module):
-            if kwargs:
-                raise ValueError(f"from_llava: loading options {sorted(kwargs)} only apply to a path or hub id")
-            stock = model_or_path
-        else:
-            apt = {**_processor_stats(model_or_path, kwargs), **apt}  # the checkpoint's pixel statistics
-            stock = LlavaForConditionalGeneration.from_pretrained(model_or_path, **kwargs)
-        if not isinstance(stock, LlavaForConditionalGeneration) or isinstance(stock, cls):
-            raise ValueError(f"model_or_path: expected a stock LlavaForConditionalGeneration, got "
-                             f"{type(stock).__name__}")
-        attn = {"": stock.config._attn_implementation,
-                "vision_config": stock.config.vision_config._attn_implementation,
-                "text_config": stock.config.text_config._attn_implementation}
-        config = AptLlavaConfig(**declared_settings(stock.config, AptLlavaConfig),
-                                vision_feature_layout=vision_feature_layout, attn_implementation=attn, **apt)
-        config.vision_config.base_model_name_or_path = stock.config.name_or_path or None  # for model cards
-        with torch.device("meta"):
-            model = cls(config)
-        adopt_stock_weights(model, stock)
-        model.config.architectures = [cls.__name__]
-        model.generation_config = stock.generation_config
-        return model.train(stock.training)
+        return cls._convert(model_or_path, vision_feature_layout=vision_feature_layout, **kwargs)
 
 
-# save_pretrained writes auto_map and copies this file and its relative imports (remote code).
-AptLlavaModel.register_for_auto_class("AutoModel")
-AptLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-
-
-def register_auto_classes() -> None:
-    """Register AptLlavaConfig / AptLlavaForConditionalGeneration with the Auto classes (`import apt_hf`)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    AutoConfig.register(AptLlavaConfig.model_type, AptLlavaConfig, exist_ok=True)
-    AutoModel.register(AptLlavaConfig, AptLlavaModel, exist_ok=True)
-    AutoModelForImageTextToText.register(AptLlavaConfig, AptLlavaForConditionalGeneration, exist_ok=True)
-
-
-__all__ = ["AptLlavaModel", "AptLlavaForConditionalGeneration", "register_auto_classes"]
+__all__ = ["AptLlavaModel", "AptLlavaForConditionalGeneration"]

@@ -12,8 +12,8 @@ transformers internals this module still relies on (no public alternative exists
   kernel, so it gets a view of the module whose config names the real backend (`_ModuleView`);
 - `integrations.sdpa_attention.sdpa_attention_forward` and `integrations.flex_attention.flex_attention_forward`,
   the functions transformers' own attention modules call, are called here per segment;
-- `models.clip.modeling_clip.eager_attention_forward` / `models.vit.modeling_vit.eager_attention_forward`: the
-  stock eager maths for each model (so eager stays bit-identical to the stock model).
+- each family's `eager_attention_forward` (e.g. `models.clip.modeling_clip`'s), which the model declares and passes in
+  `PackedSequences` (so eager stays bit-identical to the stock model).
 
 Part of the remote-code set: imports only torch, transformers and sibling modules (relatively).
 """
@@ -30,10 +30,6 @@ from transformers import AttentionInterface
 from transformers.integrations.flash_attention import flash_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-from transformers.models.clip.modeling_clip import CLIPAttention
-from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention_forward
-from transformers.models.vit.modeling_vit import ViTAttention
-from transformers.models.vit.modeling_vit import eager_attention_forward as vit_eager_attention_forward
 from transformers.utils import is_flash_attn_2_available, logging
 
 from .patchify import segment_ids
@@ -44,7 +40,6 @@ APT_PACKED = "apt_packed"
 APT_VARLEN = "apt_varlen"  # torch.nn.attention.varlen; users may also say "varlen"
 _CUDA_ONLY = ("flash_attention_2", "flash_attention_3", APT_VARLEN)
 _HALF = (torch.float16, torch.bfloat16)
-_EAGER = ((CLIPAttention, clip_eager_attention_forward), (ViTAttention, vit_eager_attention_forward))
 INSTALL_HINTS = {
     "flash_attention_2": "install FlashAttention-2 (`pip install flash-attn --no-build-isolation`, CUDA only)",
     "flash_attention_3": "install FlashAttention-3 (`flash_attn_interface` from the flash-attention repo's hopper/ "
@@ -130,14 +125,6 @@ def _as_batch(x: torch.Tensor, start: int, length: int, count: int) -> torch.Ten
     return part.reshape(count, length, heads, dim).transpose(1, 2)
 
 
-def _stock_eager(module: nn.Module) -> Callable:
-    """The eager attention function of the module's own transformers model (CLIP's or ViT's)."""
-    for attention_class, fn in _EAGER:
-        if isinstance(module, attention_class):
-            return fn
-    raise ValueError(f"attn_implementation='eager': no eager attention known for {type(module).__name__}; use 'sdpa'")
-
-
 @torch.compiler.disable
 def packed_attention(
     module: nn.Module,
@@ -147,10 +134,13 @@ def packed_attention(
     attention_mask: Any,
     scaling: float | None = None,
     dropout: float = 0.0,
-    apt_packing: "PackedSequences | None" = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Attention over a packed (1, H, L, d) batch, confined to each image, with the requested backend.
+
+    The packing arrives as `attention_mask` (a `PackedSequences`): every stock encoder passes its mask argument
+    unchanged from the layer to the attention function, while some attention modules (SigLIP's) drop other keyword
+    arguments on the way.
 
     eager / sdpa run transformers' own functions once per run of equal-length images (views, no copies);
     flex_attention gets the document BlockMask built by the model; flash_attention_2/3 and varlen use the
@@ -159,8 +149,9 @@ def packed_attention(
 
     Returns the packed output and, on eager, every image's attention map (heads, L_i, L_i) as a tuple.
     """
+    apt_packing = attention_mask
     if not hasattr(apt_packing, "cu_seqlens"):  # duck-typed: two remote-code copies may each register this function
-        raise ValueError("apt_packed attention runs only inside APT models, which pass the packing (apt_packing)")
+        raise ValueError("apt_packed attention runs only inside APT models, which pass the packing as attention_mask")
     backend = apt_packing.backend
     if backend in _CUDA_ONLY and (query.device.type != "cuda" or query.dtype not in _HALF or dropout > 0):
         logger.warning_once(
@@ -174,7 +165,7 @@ def packed_attention(
                                       dropout=dropout, is_causal=False, **kwargs)
 
     if backend in ("sdpa", "eager"):
-        fn = sdpa_attention_forward if backend == "sdpa" else _stock_eager(module)
+        fn = sdpa_attention_forward if backend == "sdpa" else apt_packing.eager_attention
         outputs, weights = [], []
         for start, length, count in apt_packing.runs:
             out, run_weights = fn(
@@ -361,20 +352,24 @@ class PackedSequences:
 
     `cu_seqlens` plus what is derived from it on the host: the user's backend, the longest image, the runs of
     equal-length images (eager / sdpa) and flex's document BlockMask. It reaches `packed_attention` as one opaque
-    kwarg, so torch.compile never sees the per-batch Python ints and tuples (which it would guard on, recompiling
-    for every new batch).
+    object (the encoder's `attention_mask`), so torch.compile never sees the per-batch Python ints and tuples (which
+    it would guard on, recompiling for every new batch).
 
     Under torch.export nothing may be read on the host: given `exported_length` (L), it builds instead a boolean
     (1, 1, L, L) mask of same-image pairs from `cu_seqlens` as tensor code, for one masked sdpa call. That is the
     only place APT builds a dense mask, and only in exported programs.
     """
 
-    __slots__ = ("_moved", "backend", "block_mask", "cu_seqlens", "document_mask", "max_seqlen", "runs")
+    __slots__ = ("_moved", "backend", "block_mask", "cu_seqlens", "document_mask", "eager_attention", "max_seqlen",
+                 "runs")
 
     def __init__(self, cu_seqlens: torch.Tensor, backend: str, device: torch.device,
-                 exported_length: int | None = None) -> None:
+                 eager_attention: Callable[..., Any] | None = None, exported_length: int | None = None) -> None:
         self.cu_seqlens = cu_seqlens
         self.backend = backend
+        if backend == "eager" and eager_attention is None:
+            raise ValueError("attn_implementation='eager': this model declares no eager attention function; use 'sdpa'")
+        self.eager_attention = eager_attention
         self.document_mask = None
         self.block_mask = None
         self._moved: dict[tuple[str, torch.device], Any] = {}

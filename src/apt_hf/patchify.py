@@ -482,6 +482,13 @@ def base_patch_index(layout: PatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
     return offsets[img] + row * layout.image_grid_hw[img, 1] + col, token
 
 
+def crop_to_patch_grid(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(..., H, W) images -> the top-left (H // p * p, W // p * p) region (a view): what a stock p x p convolution at
+    stride p sees, trailing pixels of a side dropped (e.g. SigLIP's 384 px at patch 14: 378 px, 27 x 27 patches)."""
+    h, w = images.shape[-2:]
+    return images[..., : h - h % patch_size, : w - w % patch_size]
+
+
 def pack_base_patches(images: torch.Tensor, layout: PatchLayout, patch_size: int) -> torch.Tensor:
     """(B, C, H, W) same-size images -> (sum of base cells, C, p, p) base patches in token order."""
     b, ch, h, w = images.shape

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ...modeling_apt import AptViTForImageClassification
+from ...modeling_apt_vit import AptViTForImageClassification
 from ...training import arguments as toolkit
 from ...training.arguments import AptArguments, check_eval_data
 from ...training.trainable import parse_parts

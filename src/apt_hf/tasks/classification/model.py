@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ...image_processing_apt import AptImageProcessingMixin, AptImageProcessorPil
-from ...modeling_apt import AptViTForImageClassification
+from ...modeling_apt_vit import AptViTForImageClassification
 from ...training.trainable import check_trainable, select_parameters
 from .arguments import parse_trainable
 
