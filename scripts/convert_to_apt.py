@@ -1,4 +1,4 @@
-"""Convert a CLIP, SigLIP, ViT or LLaVA-1.5 checkpoint to APT: weights (safetensors), config, processor, remote code.
+"""Convert a CLIP, SigLIP, ViT or LLaVA (1.5, NeXT, OneVision) checkpoint to APT: weights, config, processor, code.
 
     python scripts/convert_to_apt.py --model openai/clip-vit-large-patch14-336 --output_dir apt-clip-vit-l-336
     python scripts/convert_to_apt.py --model google/vit-base-patch16-224 --output_dir apt-vit-b16-224 \\
@@ -13,11 +13,11 @@ SigLIP checkpoint gives its vision tower (AptCLIPVisionModel / AptSiglipVisionMo
 (alias --full_clip) the whole model, text tower kept, for zero-shot classification (AptCLIPModel / AptSiglipModel),
 saved with its tokenizer and APT image processor as a CLIPProcessor / SiglipProcessor, so that
 `pipeline("zero-shot-image-classification", model=output_dir, trust_remote_code=True)` runs it. ViT checkpoints give
-an AptViTForImageClassification when they have a classifier, else an AptViTModel; LLaVA checkpoints give an
-AptLlavaForConditionalGeneration with an AptLlavaProcessor (chat template kept). Every pretrained weight is kept;
-APT adds a merge conv and a zero-initialised MLP, so the converted model reproduces the stock one wherever nothing
-is merged. The output folder loads with the Auto classes and `trust_remote_code=True`, or directly after
-`import apt_hf`.
+an AptViTForImageClassification when they have a classifier, else an AptViTModel; LLaVA-1.5 / -NeXT / -OneVision
+checkpoints give their family's APT image-text-to-text model with its APT processor (chat template kept). Every
+pretrained weight is kept; APT adds a merge conv and a zero-initialised MLP, so the converted model reproduces the
+stock one wherever nothing is merged. The output folder loads with the Auto classes and `trust_remote_code=True`, or
+directly after `import apt_hf`.
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ from transformers.utils import logging
 from apt_hf.configuration_apt import VISION_FEATURE_LAYOUTS
 from apt_hf.conversion import apt_class_for, convert_to
 from apt_hf.dtypes import DTYPES
-from apt_hf.families import family_of, is_composite, model_classes
+from apt_hf.families import family_of, is_composite, model_classes, vlm_families
 from apt_hf.image_processing_apt import AptImageProcessorPil
 from apt_hf.patchify import SCORERS, default_thresholds
-from apt_hf.processing_apt_llava import AptLlavaProcessor
 
 # Stock checkpoints that hold image and text towers: by default their vision tower converts, with --full_model all.
 FULL_MODEL_TYPES = ("clip", "siglip")
@@ -46,7 +45,7 @@ FULL_MODEL_TYPES = ("clip", "siglip")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
-                        help="hub id or local folder of a CLIP / CLIP vision / ViT / LLaVA-1.5 model")
+                        help="hub id or local folder of a CLIP / SigLIP / ViT / LLaVA-1.5 / -NeXT / -OneVision model")
     parser.add_argument("--output_dir", required=True, type=Path)
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="write over a folder that already holds files (refused without it)")
@@ -55,7 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="num_scales - 1 values (default: the paper's for the scorer; entropy: 5.5 for S=2 "
                              "(LLaVA-1.5: 5.75), 5.5 4.0 for S=3)")
     parser.add_argument("--vision_feature_layout", choices=VISION_FEATURE_LAYOUTS, default="packed",
-                        help="LLaVA only: packed (fewer tokens for the language model) or grid (stock counts)")
+                        help="LLaVA families only: packed (fewer tokens for the language model) or grid (stock counts)")
     parser.add_argument("--full_model", "--full_clip", dest="full_model", action="store_true",
                         help="CLIP / SigLIP: convert the whole model, text tower kept, for zero-shot classification "
                              "(saved with its tokenizer); default: the vision tower alone")
@@ -67,11 +66,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def apt_fields(args: argparse.Namespace, model_type: str) -> dict[str, Any]:
+def apt_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     thresholds = args.thresholds
-    if thresholds is None:
+    if thresholds is None:  # vision-language families take LLaVA-1.5's defaults (their configs say so)
         try:
-            thresholds = default_thresholds(args.num_scales, args.scorer, llava=model_type == "llava")
+            thresholds = default_thresholds(args.num_scales, args.scorer,
+                                            llava=getattr(cls.config_class, "llava_thresholds", False))
         except ValueError as err:
             raise SystemExit(f"--{err}") from None
     return {"num_scales": args.num_scales, "thresholds": list(thresholds), "scorer": args.scorer,
@@ -109,9 +109,10 @@ def convert_processor(model: str, converted: Any, revision: str | None) -> Any:
     """The checkpoint's own image processor settings plus the APT fields (a default one if it ships none), with the
     tokenizer for models that read text too."""
     config = converted.config
-    if family_of(type(converted)).processor is AptLlavaProcessor:  # tokenizer and chat template kept
-        return AptLlavaProcessor.from_llava_processor(model, vision_feature_layout=config.vision_feature_layout,
-                                                      **config.apt_fields)
+    family = family_of(type(converted))
+    if family in vlm_families():  # tokenizer and chat template kept
+        return family.processor.from_stock_processor(model, vision_feature_layout=config.vision_feature_layout,
+                                                     **config.apt_fields)
     vision = config.vision_config if is_composite(type(config)) else config
     fields = {**config.apt_fields, "patch_size": int(vision.patch_size)}
     image_processor = _image_processor(model, vision, fields, revision)
@@ -145,8 +146,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     config = AutoConfig.from_pretrained(args.model, revision=args.revision)
     if config.model_type.startswith("apt_"):
         raise SystemExit(f"--model: {args.model} is already an APT checkpoint ({config.model_type})")
-    fields = apt_fields(args, config.model_type)
     cls = target_class(args.model, config, args.full_model)
+    fields = apt_fields(args, cls)
     model = convert_model(args.model, cls, fields, DTYPES[args.dtype], args.revision, args.vision_feature_layout)
     processor = convert_processor(args.model, model, args.revision)
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -237,8 +237,9 @@ def test_bad_call_arguments_raise(photos):
                        ([torch.rand(3, 28, 28).bfloat16()], r"images\[0\]: .*bfloat16")):
         with pytest.raises(ValueError, match=match):
             processor(bad)
-    with pytest.raises(ValueError, match=r"multiples of patch_size=14.*crop_size"):
-        AptImageProcessor(crop_size={"height": 100, "width": 100})(photos[0])
+    # sides that patch_size does not tile keep the region the stock conv sees (100 px at 14: 7 patches, 98 px)
+    cropped = AptImageProcessor(crop_size={"height": 100, "width": 100})(photos[0], return_tensors="pt")
+    assert cropped["image_grid_hw"].tolist() == [[7, 7]]
     with pytest.raises(ValueError, match="at least patch_size=14"):
         AptImageProcessor(size={"height": 10, "width": 10}, do_center_crop=False)(photos[0])
 

@@ -121,6 +121,12 @@ def family_of(cls: type) -> Family:
     raise ValueError(f"{cls.__name__} belongs to no apt_hf family")
 
 
+def vlm_families() -> tuple[Family, ...]:
+    """The vision-language families (their models generate text from images: `AutoModelForImageTextToText`)."""
+    return tuple(family for family in FAMILIES
+                 if any("AutoModelForImageTextToText" in cls.apt_auto_map for cls in family.models))
+
+
 def is_composite(config_class: type[PretrainedConfig]) -> bool:
     """Whether a config holds its APT fields in a vision tower (`vision_config`) beside other towers."""
     return "vision_config" in getattr(config_class, "sub_configs", {})

@@ -1,8 +1,10 @@
-"""One validated way to get an APT-LLaVA and its processor from a LLaVA-1.5 or APT-LLaVA checkpoint.
+"""One validated way to get an APT vision-language model and its processor from a stock or APT checkpoint.
 
-Training (`finetune_llava.py`), evaluation (the lmms-eval plugin) and the benchmarks call `load_apt_llava`. A stock
-checkpoint is converted with the given APT fields (LLaVA-1.5's defaults for the rest); an APT checkpoint keeps its
-own settings unless fields are given, which then go through the config's and the processor's validated
+Training (`finetune_llava.py`), evaluation (the lmms-eval plugin) and the benchmarks call `load_apt_vlm` (also
+named `load_apt_llava`). Every vision-language family of `apt_hf.families` is served the same way: a stock
+checkpoint (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision) is converted with `apt_hf.convert` and the given APT fields (the
+family's defaults for the rest), and its processor is wrapped by the family's APT processor; an APT checkpoint keeps
+its own settings unless fields are given, which then go through the config's and the processor's validated
 `replace_apt_fields`. Either way the model and processor are checked to agree before anything runs.
 """
 
@@ -12,32 +14,49 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
 from .configuration_apt import APT_SETTINGS, validate_vision_feature_layout
-from .modeling_apt_llava import AptLlavaForConditionalGeneration
-from .processing_apt_llava import AptLlavaProcessor
+from .conversion import convert
+from .families import Family, vlm_families
 
-APT_MODEL_TYPE = "apt_llava"
+APT_MODEL_TYPE = "apt_llava"  # LLaVA-1.5's; every family's types: vlm_model_types()
 STOCK_MODEL_TYPE = "llava"
+
+
+def vlm_model_types() -> dict[str, tuple[Family, bool]]:
+    """Every model type a vision-language checkpoint may have: model_type -> (family, is_stock)."""
+    types = {}
+    for family in vlm_families():
+        config = family.configs[0]
+        types[config.stock_model_type] = (family, True)
+        types[config.model_type] = (family, False)
+    return types
+
+
+def is_stock_model_type(model_type: str) -> bool:
+    """Whether `checkpoint_model_type`'s answer names a stock checkpoint (to be converted) rather than an APT one."""
+    return vlm_model_types().get(model_type, (None, False))[1]
 
 
 def checkpoint_model_type(path: str, *, revision: str | None = None, trust_remote_code: bool = False,
                           argument: str = "model_name_or_path") -> str:
-    """"llava" or "apt_llava" from the checkpoint's config; anything else is refused before loading weights."""
+    """The checkpoint's model type (e.g. "llava", "apt_llava_next"); anything but a supported stock or APT
+    vision-language model is refused before loading weights."""
+    accepted = vlm_model_types()
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{argument}: expected an APT-LLaVA or LLaVA-1.5 checkpoint (folder or hub id), could not "
-                         f"read a config from {path!r}: {err}") from err
+        raise ValueError(f"{argument}: expected an APT or stock vision-language checkpoint (folder or hub id) of "
+                         f"model_type {sorted(accepted)}, could not read a config from {path!r}: {err}") from err
     model_type = getattr(config, "model_type", None)
-    if model_type not in (STOCK_MODEL_TYPE, APT_MODEL_TYPE):
-        raise ValueError(f"{argument}: expected an APT-LLaVA (model_type 'apt_llava') or LLaVA (model_type 'llava', "
-                         f"e.g. llava-hf/llava-1.5-7b-hf) checkpoint, {path!r} has model_type {model_type!r}")
+    if model_type not in accepted:
+        raise ValueError(f"{argument}: expected a checkpoint of model_type {sorted(accepted)} (e.g. "
+                         f"llava-hf/llava-1.5-7b-hf or an APT-LLaVA folder), {path!r} has model_type {model_type!r}")
     return model_type
 
 
-def load_apt_llava(
+def load_apt_vlm(
     path: str,
     *,
     apt_fields: dict[str, Any] | None = None,
@@ -47,11 +66,11 @@ def load_apt_llava(
     backend: str | None = None,
     conversion_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     **load_kwargs: Any,
-) -> tuple[AptLlavaForConditionalGeneration, AptLlavaProcessor, bool]:
-    """(model, processor, converted): the APT-LLaVA of `path` with `apt_fields` / layout applied and checked.
+) -> tuple[PreTrainedModel, Any, bool]:
+    """(model, processor, converted): the APT model of `path` with `apt_fields` / layout applied and checked.
 
     apt_fields: any of num_scales, thresholds, scorer, entropy_bins, image_mean, image_std. load_kwargs go to
-    `from_pretrained` (dtype, attn_implementation, device_map, ...). `converted` says a stock LLaVA was converted
+    `from_pretrained` (dtype, attn_implementation, device_map, ...). `converted` says a stock checkpoint was converted
     here; `conversion_context` wraps that load (training disables DeepSpeed ZeRO-3 init there).
     """
     fields = dict(apt_fields or {})
@@ -61,17 +80,17 @@ def load_apt_llava(
     if vision_feature_layout is not None:
         validate_vision_feature_layout(vision_feature_layout)
     kind = checkpoint_model_type(path, revision=revision, trust_remote_code=trust_remote_code)
-    if kind == STOCK_MODEL_TYPE:
+    family, stock = vlm_model_types()[kind]
+    if stock:
         stock_processor = AutoProcessor.from_pretrained(path, revision=revision)
         image_processor = stock_processor.image_processor
         for stat in ("image_mean", "image_std"):  # the dense path un-normalises with the processor's statistics
             fields.setdefault(stat, list(getattr(image_processor, stat)))
         with conversion_context():
-            stock = LlavaForConditionalGeneration.from_pretrained(path, revision=revision, **load_kwargs)
-            model = AptLlavaForConditionalGeneration.from_llava(
-                stock, vision_feature_layout=vision_feature_layout or "packed", **fields)
-        del stock
-        processor = AptLlavaProcessor.from_llava_processor(
+            stock_model = AutoModelForImageTextToText.from_pretrained(path, revision=revision, **load_kwargs)
+            model = convert(stock_model, vision_feature_layout=vision_feature_layout or "packed", **fields)
+        del stock_model
+        processor = family.processor.from_stock_processor(
             stock_processor, vision_feature_layout=model.config.vision_feature_layout, backend=backend,
             **model.config.apt_fields)
     else:
@@ -88,7 +107,10 @@ def load_apt_llava(
             processor.replace_apt_fields(vision_feature_layout=model.config.vision_feature_layout,
                                          **model.config.apt_fields)
     check_model_and_processor(model, processor)
-    return model, processor, kind == STOCK_MODEL_TYPE
+    return model, processor, stock
+
+
+load_apt_llava = load_apt_vlm  # the name from LLaVA-1.5 days, kept
 
 
 def check_model_and_processor(model: Any, processor: Any) -> None:
@@ -106,9 +128,9 @@ def check_model_and_processor(model: Any, processor: Any) -> None:
     for name, model_value, processor_value in pairs:
         if model_value != processor_value:
             raise ValueError(f"{name}: the model uses {model_value!r} but the processor {processor_value!r}; save "
-                             "both with the same settings (AptLlavaProcessor.from_llava_processor(..., **model."
-                             "config.apt_fields)) or pass the setting to both")
+                             "both with the same settings (e.g. AptLlavaProcessor.from_llava_processor(..., "
+                             "**model.config.apt_fields)) or pass the setting to both")
 
 
 __all__ = ["APT_MODEL_TYPE", "STOCK_MODEL_TYPE", "check_model_and_processor", "checkpoint_model_type",
-           "load_apt_llava"]
+           "is_stock_model_type", "load_apt_llava", "load_apt_vlm", "vlm_model_types"]

@@ -96,6 +96,8 @@ class AptLlavaProcessor(LlavaProcessor):
             vision_feature_layout=vision_feature_layout,
         )
 
+    from_stock_processor = from_llava_processor  # the name every vision-language family's processor has
+
     def replace_apt_fields(self, vision_feature_layout: str | None = None, **fields: Any) -> AptLlavaProcessor:
         """Set the image processor's APT fields and/or the layout in place, validated; returns the processor."""
         if vision_feature_layout is not None:

@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
 
-from ..loading import STOCK_MODEL_TYPE, checkpoint_model_type, load_apt_llava
+from ..loading import checkpoint_model_type, is_stock_model_type, load_apt_vlm
 from ..padding_free import flatten_padded_batch, register_packed_sdpa
 from ..processing_apt_llava import LLAVA_15_CHAT_TEMPLATE
 from .arguments import generation_settings, parse_model_args
@@ -84,15 +84,15 @@ class AptLlava(lmms):
 
         self.kind = checkpoint_model_type(args.pretrained, revision=args.revision,
                                           trust_remote_code=args.trust_remote_code, argument="pretrained")
-        if self.kind == STOCK_MODEL_TYPE and not args.apt_fields and args.vision_feature_layout is None:
+        if is_stock_model_type(self.kind) and not args.apt_fields and args.vision_feature_layout is None:
             model = AutoModelForImageTextToText.from_pretrained(args.pretrained, revision=args.revision, **load_kwargs)
             processor = AutoProcessor.from_pretrained(args.pretrained, revision=args.revision)
         else:
-            model, processor, converted = load_apt_llava(
+            model, processor, converted = load_apt_vlm(
                 args.pretrained, apt_fields=args.apt_fields, vision_feature_layout=args.vision_feature_layout,
                 revision=args.revision, trust_remote_code=args.trust_remote_code, **load_kwargs)
             if converted:
-                self.kind = "llava->apt_llava"
+                self.kind = f"{self.kind}->apt_{self.kind}"
         self._model = model.eval().to(self._device)
         self.text_attn_implementation = self._padding_free_attention()
         self._processor = processor
@@ -131,8 +131,8 @@ class AptLlava(lmms):
         if self.rank != 0:
             return
         config = self._config
-        if self.kind == STOCK_MODEL_TYPE:
-            apt = "stock LLaVA, no APT"
+        if is_stock_model_type(self.kind):
+            apt = "stock model, no APT"
         else:
             apt = (f"APT {config.vision_config.apt_fields}, vision_feature_layout={config.vision_feature_layout!r}")
         eval_logger.info(f"apt_llava: {self.pretrained} ({self.kind}; {apt}) on {self._device} x{self.world_size}, "

@@ -26,11 +26,11 @@ def finish_adapter(adapter_dir: str | Path, base_model: str, converted: bool, pr
 
     Returns the base's path or id.
     """
-    from ...modeling_apt_llava import AptLlavaForConditionalGeneration
+    from ...conversion import convert
 
     adapter_dir = Path(adapter_dir).resolve()
     if converted:
-        base = AptLlavaForConditionalGeneration.from_llava(base_model, vision_feature_layout=layout, **apt_fields)
+        base = convert(base_model, vision_feature_layout=layout, **apt_fields)
         base.save_pretrained(adapter_dir / BASE_DIR)
         processor.save_pretrained(adapter_dir / BASE_DIR)
         base_model = str(adapter_dir / BASE_DIR)

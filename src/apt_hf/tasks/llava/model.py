@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ...loading import STOCK_MODEL_TYPE, load_apt_llava
-from ...modeling_apt_llava import AptLlavaForConditionalGeneration
+from ...conversion import convert
+from ...loading import is_stock_model_type, load_apt_vlm
 from ...training.arguments import AptArguments
 from ...training.trainable import check_trainable, parse_parts, select_parameters
 from .arguments import TRAINABLE_PARTS, ModelArguments
@@ -96,7 +96,7 @@ def load_model_and_processor(
     attn = resolve_attn_implementation(model_args.attn_implementation)
     if attn is not None:
         load_kwargs["attn_implementation"] = attn
-    return load_apt_llava(model_args.model_name_or_path, apt_fields=apt_args.given(),
+    return load_apt_vlm(model_args.model_name_or_path, apt_fields=apt_args.given(),
                           vision_feature_layout=model_args.vision_feature_layout,
                           trust_remote_code=model_args.trust_remote_code, conversion_context=_zero3_init_disabled,
                           **load_kwargs)
@@ -169,9 +169,11 @@ def load_lora_model(adapter_dir: str | Path, **load_kwargs: Any) -> Any:
 
     info = json.loads(Path(adapter_dir, TRAINING_INFO_FILE).read_text())
     base = info["base_model_name_or_path"]
-    if info["base_model_type"] == STOCK_MODEL_TYPE:
+    if is_stock_model_type(info["base_model_type"]):
         layout = info["vision_feature_layout"] or "packed"
-        model = AptLlavaForConditionalGeneration.from_llava(base, vision_feature_layout=layout, **info["apt_fields"])
+        model = convert(base, vision_feature_layout=layout, **info["apt_fields"])
     else:
-        model = AptLlavaForConditionalGeneration.from_pretrained(base, **load_kwargs)
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(base, **load_kwargs)
     return PeftModel.from_pretrained(model, str(adapter_dir))

@@ -13,7 +13,7 @@ from typing import Any
 from transformers import Trainer, TrainingArguments, set_seed
 
 from ...configuration_apt import APT_FIELDS
-from ...loading import STOCK_MODEL_TYPE, checkpoint_model_type
+from ...loading import checkpoint_model_type, is_stock_model_type
 from ...padding_free import register_packed_sdpa
 from ...patchify import PatchLayout
 from ...training.checkpoints import prepare_output_dir
@@ -177,7 +177,7 @@ def save_outputs(trainer: Trainer, processor: Any, model_args: ModelArguments, a
 def _finish_adapter(adapter_dir: Path, model_args: ModelArguments, model_type: str, processor: Any) -> None:
     """The adapter names its base (saved beside it when converted on the fly) and gets a card."""
     fields = {name: getattr(processor.image_processor, name) for name in APT_FIELDS}
-    base = finish_adapter(adapter_dir, model_args.model_name_or_path, model_type == STOCK_MODEL_TYPE, processor,
+    base = finish_adapter(adapter_dir, model_args.model_name_or_path, is_stock_model_type(model_type), processor,
                           fields, processor.vision_feature_layout)
     print(f"LoRA adapter in {adapter_dir}, base {base}", flush=True)
 
