@@ -385,7 +385,8 @@ def test_bad_data_raises_before_training(work: dict[str, Path], tmp_path: Path) 
 
     LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
         not_llava)
-    with pytest.raises(ValueError, match="expected an APT-LLaVA .* or LLaVA .* has model_type 'llama'"):
+    with pytest.raises(ValueError,
+                       match=r"model_name_or_path: expected a checkpoint of model_type \[.*'llava'.*\].* 'llama'"):
         main(with_(model_name_or_path=str(not_llava)))
     assert not (tmp_path / "never").exists()
 

@@ -443,7 +443,7 @@ def test_a_checkpoint_that_is_not_llava_is_refused(tmp_path: Path, stock: str) -
 
     CLIPVisionModel(tiny_vision_config()).save_pretrained(tmp_path / "clip")
     assert isinstance(CLIPVisionConfig.from_pretrained(tmp_path / "clip"), CLIPVisionConfig)
-    with pytest.raises(ValueError, match=r"pretrained: expected an APT-LLaVA .* or LLaVA .*'clip_vision_model'"):
+    with pytest.raises(ValueError, match=r"pretrained: expected a checkpoint of model_type \[.*'llava'.*\].*'clip_vis"):
         _apt_model(f"pretrained={tmp_path / 'clip'}")
     with pytest.raises(ValueError, match=r"pretrained: .*could not read a config"):
         _apt_model(f"pretrained={tmp_path / 'missing'}")
