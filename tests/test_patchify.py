@@ -24,6 +24,7 @@ from PIL import Image as Image_
 from torch.overrides import TorchFunctionMode
 from transformers import CLIPImageProcessorPil
 
+from apt_hf.image_processing_apt import AptImageProcessorPil
 from apt_hf.patchify import (
     SCORERS,
     PatchLayout,
@@ -35,6 +36,8 @@ from apt_hf.patchify import (
     pack_base_patches,
     recover_uint8,
     score_patches,
+    select_image_inputs,
+    select_images,
     uniform_layout,
     unpack_base_patches,
     upsample_mse_scores,
@@ -968,3 +971,24 @@ def test_recover_uint8_leaves_its_input_alone():
     before = pixels.clone()
     out = recover_uint8(pixels, None, None, 1.0)
     assert out.dtype == torch.uint8 and torch.equal(pixels, before)
+
+
+def test_selecting_images_moves_each_images_tiles_together():
+    """Anyres images are several packed tiles: selecting images takes all of their tiles, in the order asked,
+    and per-image keys (image_sizes) by row."""
+    photos = list(load_photos().values())[:5]
+    inputs = dict(AptImageProcessorPil(size={"height": 56, "width": 56}, do_center_crop=False, thresholds=[4.0])(
+        photos, return_tensors="pt"))
+    tiles = torch.tensor([2, 1, 2])  # three images of 2, 1 and 2 tiles
+    inputs["image_sizes"] = torch.tensor([[10, 20], [30, 40], [50, 60]])
+    taken = select_image_inputs(inputs, torch.tensor([2, 0]), tiles)
+    expected_pixels, expected_layout = select_images(inputs["pixel_values"], PatchLayout.from_inputs(inputs),
+                                                     torch.tensor([3, 4, 0, 1]))
+    assert torch.equal(taken["pixel_values"], expected_pixels)
+    for key, value in expected_layout.as_dict().items():
+        assert torch.equal(taken[key], value)
+    assert taken["image_sizes"].tolist() == [[50, 60], [10, 20]]
+    with pytest.raises(ValueError, match=r"tiles_per_image: expected counts that add up to the 5 packed tiles"):
+        select_image_inputs(inputs, torch.tensor([0]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"processor output 'image_sizes': expected one entry per image \(5\)"):
+        select_image_inputs(inputs, torch.tensor([0]))

@@ -580,3 +580,37 @@ def select_images(
     picked = PatchLayout(layout.patch_scales[token_index], layout.patch_positions[token_index], tokens[index],
                          layout.image_grid_hw[index])
     return pixel_values[cell_index.to(pixel_values.device)], picked
+
+
+def select_image_inputs(inputs: Mapping[str, Any], index: torch.Tensor,
+                        tiles_per_image: torch.Tensor | None = None) -> dict[str, Any]:
+    """A processor's image keys for images `index` (any order, repeats allowed), as it returns them for those
+    images alone: the packed keys through `select_images`, every other tensor (e.g. `image_sizes`) by its rows.
+
+    An anyres image (LLaVA-NeXT / OneVision) is several tiles, each packed as an image of its own:
+    `tiles_per_image` (one count per image) moves an image's tiles together. Without it, one tile per image.
+    """
+    layout = PatchLayout.from_inputs(inputs)
+    if tiles_per_image is None and layout is not None:
+        tiles_per_image = torch.ones_like(layout.tokens_per_image)
+    index = torch.as_tensor(index, dtype=torch.int64)
+    taken: dict[str, Any] = {}
+    if layout is not None:
+        tiles = torch.as_tensor(tiles_per_image, dtype=torch.int64, device=layout.tokens_per_image.device)
+        if int(tiles.sum()) != len(layout.tokens_per_image):
+            raise ValueError(f"tiles_per_image: expected counts that add up to the {len(layout.tokens_per_image)} "
+                             f"packed tiles, got {tiles.tolist()}")
+        tile_index = _ranges((torch.cumsum(tiles, 0) - tiles)[index.to(tiles.device)], tiles[index.to(tiles.device)])
+        pixel_values, picked = select_images(inputs["pixel_values"], layout, tile_index)
+        taken = {"pixel_values": pixel_values, **picked.as_dict()}
+    num_images = None if tiles_per_image is None else len(tiles_per_image)
+    for key, value in inputs.items():
+        if key in taken:
+            continue
+        if not isinstance(value, torch.Tensor) or value.ndim == 0 or (
+                num_images is not None and value.shape[0] != num_images):
+            raise ValueError(f"processor output {key!r}: expected one entry per image"
+                             f"{'' if num_images is None else f' ({num_images})'} to select images, got "
+                             f"{getattr(value, 'shape', type(value).__name__)}")
+        taken[key] = value[index.to(value.device)]
+    return taken

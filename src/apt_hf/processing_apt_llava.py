@@ -108,6 +108,10 @@ class AptLlavaProcessor(LlavaProcessor):
             self.vision_feature_layout = vision_feature_layout
         return self
 
+    def tiles_per_image(self, image_inputs: dict) -> None:
+        """Packed tiles per image: one each here (anyres processors, e.g. LLaVA-NeXT's, return their counts)."""
+        return None
+
     def image_token_counts(self, image_inputs: dict) -> list[int]:
         """How many `<image>` tokens each processed image takes in the text."""
         if self.vision_feature_layout == "packed":

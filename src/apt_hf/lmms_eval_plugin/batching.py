@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature
 
-from ..patchify import PatchLayout, select_images
+from ..patchify import PatchLayout, select_image_inputs
 from .prompts import Prompt
 
 # Requests are preprocessed this many batches at a time, then sorted by length: near the padding of a global
@@ -49,27 +49,22 @@ class Window:
     """The image tensors of one processor call over a window of requests; any subset of its images can be taken
     back in any order (APT's packed patches through `select_images`, dense `pixel_values` by index)."""
 
-    def __init__(self, image_inputs: dict[str, torch.Tensor], num_images: int) -> None:
+    def __init__(self, image_inputs: dict[str, torch.Tensor], num_images: int,
+                 tiles_per_image: torch.Tensor | None = None) -> None:
         self.inputs = image_inputs
         self.num_images = num_images
-        self.layout = PatchLayout.from_inputs(image_inputs)
+        self.tiles_per_image = tiles_per_image  # anyres processors: packed tiles per image (else one)
 
     def take(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The image keys of images `index` as the processor would have returned them for those images alone."""
         if not self.inputs:
             return {}
-        taken: dict[str, torch.Tensor] = {}
-        rest = self.inputs
-        if self.layout is not None:
-            pixel_values, layout = select_images(self.inputs["pixel_values"], self.layout, index)
-            taken = {"pixel_values": pixel_values, **layout.as_dict()}
-            rest = {k: v for k, v in self.inputs.items() if k not in taken}
-        for key, value in rest.items():
-            if not isinstance(value, torch.Tensor) or value.shape[:1] != (self.num_images,):
-                raise ValueError(f"processor output {key!r}: expected one entry per image ({self.num_images}) to "
-                                 f"batch it, got {getattr(value, 'shape', type(value).__name__)}")
-            taken[key] = value[index]
-        return taken
+        if PatchLayout.from_inputs(self.inputs) is None and self.tiles_per_image is None:  # stock: dense rows
+            for key, value in self.inputs.items():
+                if not isinstance(value, torch.Tensor) or value.shape[:1] != (self.num_images,):
+                    raise ValueError(f"processor output {key!r}: expected one entry per image ({self.num_images}) "
+                                     f"to batch it, got {getattr(value, 'shape', type(value).__name__)}")
+        return select_image_inputs(self.inputs, index, self.tiles_per_image)
 
 
 @dataclass
@@ -111,12 +106,15 @@ def prepare(requests: list[Request], processor: Any, image_token_id: int) -> lis
     counts = torch.tensor([len(p.images) for p in prompts])
     owner = torch.repeat_interleave(torch.arange(len(prompts)), counts)
     lm_slots = ((input_ids == image_token_id) & keep).sum(-1)
-    if "tokens_per_image" in inputs:  # APT: the tokens the tower kept vs. the full grid
-        kept = torch.zeros(len(prompts), dtype=torch.long).index_add_(0, owner, inputs["tokens_per_image"])
-        grid = torch.zeros(len(prompts), dtype=torch.long).index_add_(0, owner, inputs["image_grid_hw"].prod(-1))
+    tiles = processor.tiles_per_image(inputs) if images and hasattr(processor, "tiles_per_image") else None
+    if "tokens_per_image" in inputs:  # APT: the tokens the tower kept vs. the full grid, over every tile
+        tile_owner = owner if tiles is None else torch.repeat_interleave(owner, tiles)
+        kept = torch.zeros(len(prompts), dtype=torch.long).index_add_(0, tile_owner, inputs["tokens_per_image"])
+        grid = torch.zeros(len(prompts), dtype=torch.long).index_add_(0, tile_owner,
+                                                                      inputs["image_grid_hw"].prod(-1))
     else:  # stock: every image is its full grid, as many tokens as it has <image> slots
         kept = grid = lm_slots
-    window = Window(dict(inputs), len(images))
+    window = Window(dict(inputs), len(images), tiles)
     seconds = time.perf_counter() - started
     weights = counts.tolist() if images else [1] * len(prompts)  # images dominate preprocessing
     firsts = (torch.cumsum(counts, 0) - counts).tolist()

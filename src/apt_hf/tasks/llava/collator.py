@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from ...patchify import select_image_inputs
 from ...training.collator import BROKEN_IMAGES, ImageCollator
 from .data import image_refs, normalize_messages
 
@@ -183,7 +184,8 @@ class AptLlavaDataCollator(ImageCollator):
         batch = self._flatten(sequences) if self.padding_free else self._pad(sequences)
         if kept_images:
             if len(kept_images) != len(counts):
-                image_inputs = _take_images(image_inputs, kept_images)
+                image_inputs = select_image_inputs(image_inputs, torch.tensor(kept_images),
+                                                   self.processor.tiles_per_image(image_inputs))
             batch.update(image_inputs)
         return batch
 
@@ -228,14 +230,3 @@ class AptLlavaDataCollator(ImageCollator):
             labels[i, : len(lab)] = torch.tensor(lab)
             attention_mask[i, : len(ids)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def _take_images(image_inputs: dict[str, Any], keep: list[int]) -> dict[str, Any]:
-    """The packed image keys restricted to images `keep` (samples dropped for length lose their images)."""
-    from ...patchify import PatchLayout, select_images
-
-    layout = PatchLayout.from_inputs(image_inputs)
-    if layout is None:
-        return {k: v[keep] for k, v in image_inputs.items()}
-    pixel_values, picked = select_images(image_inputs["pixel_values"], layout, torch.tensor(keep))
-    return {"pixel_values": pixel_values, **picked.as_dict()}
