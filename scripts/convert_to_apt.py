@@ -112,6 +112,7 @@ def convert_processor(model: str, converted: Any, revision: str | None) -> Any:
     family = family_of(type(converted))
     if family in vlm_families():  # tokenizer and chat template kept
         return family.processor.from_stock_processor(model, vision_feature_layout=config.vision_feature_layout,
+                                                     patch_size=int(config.vision_config.patch_size),
                                                      **config.apt_fields)
     vision = config.vision_config if is_composite(type(config)) else config
     fields = {**config.apt_fields, "patch_size": int(vision.patch_size)}

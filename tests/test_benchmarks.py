@@ -213,3 +213,16 @@ def test_training_step_parts_table(capsys):
     labels = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ")][2:]
     assert labels == ["whole step (padding-free)", "vision tower, forward + backward", "of which the APT embedding",
                       "of which the encoder layers", "projector + language model + loss"]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_llava_suite_runs_the_anyres_families(family: str, capsys: pytest.CaptureFixture) -> None:
+    """`benchmark.py llava --family`: stock and APT (packed, grid) of the family in one run; APT never sends the
+    language model more visual tokens than stock, and the grid layout sends exactly stock's."""
+    rows = llava_bench.main(["--family", family, "--preset", "tiny", "--batch_size", "1", "--num_images", "2",
+                             "--repeats", "1", "--skip_generation"])
+    tokens = {r["run"]: r["tokens"] for r in rows}
+    assert set(tokens) == {"stock", "APT packed", "APT grid"}
+    assert tokens["APT packed"] <= tokens["stock"] == tokens["APT grid"]
+    table = capsys.readouterr().out
+    assert ("LLaVA-NeXT" if family == "llava_next" else "LLaVA-OneVision") in table and "tower tokens / image" in table

@@ -592,3 +592,31 @@ def test_broken_batch_fallback_reuses_earlier_samples() -> None:
     assert fallback(["c", "d"], 2) == ["c", "d"]
     assert fallback([], 2) == ["c", "d"]  # the newest first, at most the batch's size
     assert fallback([], 5) == ["c", "d", "a"]  # at most max_size remembered
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_families_fine_tune_padding_free_and_load_back(work: dict[str, Path], tmp_path: Path,
+                                                              family: str) -> None:
+    """finetune_llava.py trains LLaVA-NeXT and LLaVA-OneVision as it trains LLaVA-1.5: a stock checkpoint converted on
+    the fly (APT on every anyres tile), padding-free batches, the APT layers and projector trained, the result
+    loading back as its APT family."""
+    from apt_hf.tasks.llava.train import main
+    from apt_hf.testing import build_tiny_llava_next, build_tiny_llava_onevision
+
+    model, processor = build_tiny_llava_next() if family == "llava_next" else build_tiny_llava_onevision()
+    stock_dir = tmp_path / "stock"
+    model.save_pretrained(stock_dir)
+    processor.save_pretrained(stock_dir)
+    flags = base_flags(work, tmp_path / "run", "--max_steps", "2", "--learning_rate", "1e-2", "--padding_free",
+                       "true", "--trainable", "apt,projector", "--save_strategy", "no")
+    flags[flags.index("--model_name_or_path") + 1] = str(stock_dir)
+    trainer = main(flags)
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses(tmp_path / "run"))
+    assert trainer.state.global_step == 2
+    trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "run", trust_remote_code=True)
+    assert trained.config.model_type == f"apt_{family}"
+    moved = [name for name, p in trained.named_parameters() if "zero_mlp" in name and p.abs().sum() > 0]
+    assert moved, "the zero-initialised APT layer did not train"
+    stock_projector = dict(model.model.multi_modal_projector.named_parameters())
+    for name, p in trained.model.multi_modal_projector.named_parameters():
+        assert not torch.equal(p, stock_projector[name]), name

@@ -1,8 +1,13 @@
 """Stock LLaVA vs APT-LLaVA (packed and grid layouts) on real photographs, one run, random weights.
 
-    python scripts/benchmark.py llava [--preset tiny|small|cpu|7b] [--batch_size 1 4 8] [--repeats 3] [--device cpu]
-        [--dtype float32] [--thresholds 5.75] [--max_new_tokens 16] [--attn_implementation sdpa]
-        [--prefill padding-free|padded] [--json rows.json]
+    python scripts/benchmark.py llava [--family llava|llava_next|llava_onevision] [--preset tiny|small|cpu|7b]
+        [--batch_size 1 4 8] [--repeats 3] [--device cpu] [--dtype float32] [--thresholds 5.75]
+        [--max_new_tokens 16] [--attn_implementation sdpa] [--prefill padding-free|padded] [--json rows.json]
+
+`--family` picks the model: LLaVA-1.5 (a CLIP tower at 336/14, one tile per image), LLaVA-NeXT (the same tower,
+anyres tiles on LLaVA-NeXT's default pinpoints up to 672 x 672 and 1008 x 336, newline after every row) or
+LLaVA-OneVision (a SigLIP tower at 384/14, no class token, anyres tiles on OneVision's default pinpoints up to
+2304 x 2304 with "anyres_max_9"), each at the preset's widths. APT runs on every tile.
 
 Prefill = one forward of a batch of prompts (one photo each), logits at each prompt's last token only, as `generate`
 does. By default it runs padding-free, for stock and APT alike: the padded batch is flattened into one row of the
@@ -23,17 +28,19 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import transformers
+from transformers import LlavaNextConfig, LlavaOnevisionConfig, SiglipVisionConfig
 
+from apt_hf.conversion import convert
+from apt_hf.families import family_of
 from apt_hf.flops import llava_prefill_flops
-from apt_hf.modeling_apt_llava import AptLlavaForConditionalGeneration
 from apt_hf.padding_free import flatten_padded_batch, register_packed_sdpa
-from apt_hf.processing_apt_llava import AptLlavaProcessor
 from apt_hf.sample_images import load_photos
-from apt_hf.testing import build_tiny_llava, tiny_vision_config
+from apt_hf.testing import build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision, tiny_vision_config
 
 from .results import row, write_json
 from .timing import add_clock_arguments, apply_clock_arguments, machine, peak_memory, timed
@@ -44,6 +51,8 @@ PRESETS = {  # (hidden, layers, heads, mlp) of the tower and of the language mod
     "cpu": {"vision": (768, 6, 12, 3072), "text": (1024, 6, 16, 2816)},
     "7b": {"vision": (1024, 24, 16, 4096), "text": (4096, 32, 32, 11008)},
 }
+FAMILIES = ("llava", "llava_next", "llava_onevision")
+TITLES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}
 PROMPT = "USER: <image>\nDescribe the image in one sentence. ASSISTANT:"
 PREFILL_MODES = ("padding-free", "padded")
 
@@ -51,6 +60,7 @@ PREFILL_MODES = ("padding-free", "padded")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmark.py llava", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=FAMILIES, default="llava")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--batch_size", type=int, nargs="+", default=[1, 4, 8],
                         help="one or more batch sizes, each run on the same --num_images photos")
@@ -81,9 +91,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_stock_llava(preset: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-                      ) -> tuple[transformers.LlavaForConditionalGeneration, transformers.LlavaProcessor]:
-    """A stock LLaVA-1.5 of the preset's shapes with random weights, and its processor.
+def build_stock_llava(preset: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                      family: str = "llava") -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
+    """A stock LLaVA-1.5 / -NeXT / -OneVision of the preset's shapes with random weights, and its processor.
 
     The weights are created and initialised on `device` itself (a 7B model is never materialised on the CPU,
     whose random init alone would take minutes), then cast to `dtype`.
@@ -92,11 +102,21 @@ def build_stock_llava(preset: str, device: str | torch.device = "cpu", dtype: to
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     vision_hidden, vision_layers, vision_heads, vision_mlp = PRESETS[preset]["vision"]
     text_hidden, text_layers, text_heads, text_mlp = PRESETS[preset]["text"]
-    vision = tiny_vision_config(hidden_size=vision_hidden, layers=vision_layers, heads=vision_heads, image_size=336,
-                                patch_size=14, intermediate_size=vision_mlp)
+    text = {"text_hidden_size": text_hidden, "text_layers": text_layers, "text_heads": text_heads,
+            "intermediate_size": text_mlp}
+    if family == "llava_onevision":
+        vision = SiglipVisionConfig(hidden_size=vision_hidden, num_hidden_layers=vision_layers,
+                                    num_attention_heads=vision_heads, intermediate_size=vision_mlp, image_size=384,
+                                    patch_size=14, vision_use_head=False)
+        build = partial(build_tiny_llava_onevision, vision=vision,
+                        pinpoints=LlavaOnevisionConfig().image_grid_pinpoints, **text)
+    else:
+        vision = tiny_vision_config(hidden_size=vision_hidden, layers=vision_layers, heads=vision_heads,
+                                    image_size=336, patch_size=14, intermediate_size=vision_mlp)
+        build = partial(build_tiny_llava, vision=vision, **text) if family == "llava" else partial(
+            build_tiny_llava_next, vision=vision, pinpoints=LlavaNextConfig().image_grid_pinpoints, **text)
     with torch.device(device):
-        stock, processor = build_tiny_llava(vision=vision, text_hidden_size=text_hidden, text_layers=text_layers,
-                                            text_heads=text_heads, intermediate_size=text_mlp)
+        stock, processor = build()
     return stock.to(dtype=dtype), processor
 
 
@@ -123,14 +143,14 @@ def attention_lengths(kwargs: dict[str, Any]) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     padding_free = args.prefill == "padding-free"
-    stock, stock_processor = build_stock_llava(args.preset, args.device, args.dtype)
+    stock, stock_processor = build_stock_llava(args.preset, args.device, args.dtype, args.family)
     stock.set_attn_implementation(args.attn_implementation)
     models = {"stock": (stock, stock_processor)}
     for layout in ("packed", "grid"):
-        model = AptLlavaForConditionalGeneration.from_llava(stock, vision_feature_layout=layout,
-                                                            thresholds=args.thresholds)
-        processor = AptLlavaProcessor.from_llava_processor(stock_processor, vision_feature_layout=layout,
-                                                           thresholds=args.thresholds)
+        model = convert(stock, vision_feature_layout=layout, thresholds=args.thresholds)
+        processor = family_of(type(model)).processor.from_stock_processor(
+            stock_processor, vision_feature_layout=layout, thresholds=args.thresholds,
+            patch_size=model.config.vision_config.patch_size)
         models[f"APT {layout}"] = (model, processor)
     text_attn = args.attn_implementation
     if padding_free and args.attn_implementation == "sdpa":  # sdpa would attend over the whole flattened row
@@ -177,28 +197,35 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     times.setdefault((phase, size, name), []).append(timed(make(size, name), args.device, args.clock))
 
     image_token = stock.config.image_token_id
-    stats: dict[tuple[int, str], tuple[float, float, float]] = {}
+    class_token = args.family != "llava_onevision"  # SigLIP has none
+    stats: dict[tuple[int, str], tuple[float, float, float, float]] = {}
     for (size, name), kwargs_list in prefill_inputs.items():
         batches = inputs[(size, name)]
         lm_visual = sum(int((b["input_ids"] == image_token).sum()) for b in batches)
         lengths = [n for kwargs in kwargs_list for n in attention_lengths(kwargs)]
-        tower_tokens = ([int(t) for b in batches for t in b["tokens_per_image"]] if "tokens_per_image" in batches[0]
-                        else [(336 // 14) ** 2] * args.num_images)
+        # tower tokens per tile: what APT kept, or (stock) every tile's full grid, the tiles read off the APT run's
+        # processor output for the same photos
+        tiles = batches if "tokens_per_image" in batches[0] else inputs[(size, "APT packed")]
+        key = "tokens_per_image" if "tokens_per_image" in batches[0] else None
+        tower_tokens = [int(t) for b in tiles for t in (b[key] if key else b["image_grid_hw"].prod(-1))]
         stats[(size, name)] = (lm_visual / args.num_images, sum(lengths) / args.num_images,
-                               llava_prefill_flops(models[name][0], tower_tokens, lengths, lm_visual))
+                               llava_prefill_flops(models[name][0], tower_tokens, lengths, lm_visual, class_token),
+                               sum(tower_tokens) / args.num_images)
 
     cuda = args.device.startswith("cuda")
     dtype = str(args.dtype).split(".")[-1]
     vh, vl = PRESETS[args.preset]["vision"][:2]
     th, tl = PRESETS[args.preset]["text"][:2]
     where = machine(args.device)
-    print(f"## LLaVA-1.5 ({args.preset} preset) stock vs APT, thresholds {args.thresholds}\n")
+    print(f"## {TITLES[args.family]} ({args.preset} preset) stock vs APT, thresholds {args.thresholds}\n")
     print(f"{args.num_images} photos at batch sizes {args.batch_size}; prefill {args.prefill} (stock and APT alike"
           f"{', language model on ' + text_attn if padding_free else ''}), generation padded with a cache; "
-          f"{args.device} {dtype}, attn {args.attn_implementation}; tower {vh}x{vl} at 336/14, language model "
+          f"{args.device} {dtype}, attn {args.attn_implementation}; tower {vh}x{vl} at "
+          f"{stock.config.vision_config.image_size}/14, language model "
           f"{th}x{tl}; median of {args.repeats} ({args.clock} clock); torch {torch.__version__}, transformers "
           f"{transformers.__version__}, {where}\n")
-    header = ("| batch | model | visual tokens to LM / image | LM tokens run / image | ideal prefill speedup |"
+    header = ("| batch | model | tower tokens / image | visual tokens to LM / image | LM tokens run / image |"
+              " ideal prefill speedup |"
               " prefill img/s | prefill speedup |" + (" prefill peak GiB |" if cuda else ""))
     if "generation" in phases:
         header += " generation img/s | generation speedup |" + (" generation peak GiB |" if cuda else "")
@@ -206,12 +233,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     print("|" + " --- |" * (header.count("|") - 1))
     rows: dict[tuple[str, int], list[dict[str, Any]]] = {(phase, size): [] for phase in phases for size in
                                                           args.batch_size}
-    setting = f"{args.preset}, {dtype}, {args.attn_implementation}, {args.thresholds}"
+    setting = f"{args.family}, {args.preset}, {dtype}, {args.attn_implementation}, {args.thresholds}"
     for size in args.batch_size:
         for name in models:
-            visual, lm_run, flops = stats[(size, name)]
+            visual, lm_run, flops, tower = stats[(size, name)]
             ideal = stats[(size, "stock")][2] / flops
-            line = f"| {size} | {name} | {visual:.0f} | {lm_run:.0f} | {ideal:.2f}x |"
+            line = f"| {size} | {name} | {tower:.0f} | {visual:.0f} | {lm_run:.0f} | {ideal:.2f}x |"
             for phase in phases:
                 seconds = statistics.median(times[(phase, size, name)])
                 speedup = statistics.median(times[(phase, size, "stock")]) / seconds
@@ -224,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     speedup=speedup, ideal=ideal if phase == "prefill" else None, peak_gib=peak))
             print(line)
     flat = [r for group in rows.values() for r in group]  # grouped by phase, then batch size
-    write_json(args.json, flat, suite="llava", preset=args.preset)
+    write_json(args.json, flat, suite="llava", preset=args.preset, family=args.family)
     return flat
 
 

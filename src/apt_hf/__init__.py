@@ -11,6 +11,8 @@ from .configuration_apt import (
     AptCLIPConfig,
     AptCLIPVisionConfig,
     AptLlavaConfig,
+    AptLlavaNextConfig,
+    AptLlavaOnevisionConfig,
     AptSiglipConfig,
     AptSiglipVisionConfig,
     AptViTConfig,
@@ -20,12 +22,17 @@ from .conversion import install as _install_converter
 from .families import FAMILIES
 from .families import register_auto_classes as _register_auto_classes
 from .image_processing_apt import AptImageProcessorPil
+from .image_processing_apt_llava_next import AptLlavaNextImageProcessorPil
 from .modeling_apt import AptHubMixin
 from .modeling_apt_clip import AptCLIPModel, AptCLIPVisionModel
 from .modeling_apt_llava import AptLlavaForConditionalGeneration, AptLlavaModel
+from .modeling_apt_llava_next import AptLlavaNextForConditionalGeneration, AptLlavaNextModel
+from .modeling_apt_llava_onevision import AptLlavaOnevisionForConditionalGeneration, AptLlavaOnevisionModel
 from .modeling_apt_siglip import AptSiglipModel, AptSiglipVisionModel
 from .modeling_apt_vit import AptViTForImageClassification, AptViTModel
 from .processing_apt_llava import AptLlavaProcessor
+from .processing_apt_llava_next import AptLlavaNextProcessor
+from .processing_apt_llava_onevision import AptLlavaOnevisionImageProcessorPil, AptLlavaOnevisionProcessor
 
 __version__ = "0.1.0"
 
@@ -74,4 +81,14 @@ __all__ = [
     "AptLlavaModel",
     "AptLlavaForConditionalGeneration",
     "AptLlavaProcessor",
+    "AptLlavaNextConfig",
+    "AptLlavaNextModel",
+    "AptLlavaNextForConditionalGeneration",
+    "AptLlavaNextProcessor",
+    "AptLlavaNextImageProcessorPil",
+    "AptLlavaOnevisionConfig",
+    "AptLlavaOnevisionModel",
+    "AptLlavaOnevisionForConditionalGeneration",
+    "AptLlavaOnevisionProcessor",
+    "AptLlavaOnevisionImageProcessorPil",
 ]

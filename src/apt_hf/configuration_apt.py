@@ -19,6 +19,8 @@ from transformers import (
     CLIPConfig,
     CLIPVisionConfig,
     LlavaConfig,
+    LlavaNextConfig,
+    LlavaOnevisionConfig,
     PreTrainedConfig,
     SiglipConfig,
     SiglipVisionConfig,
@@ -245,6 +247,80 @@ class AptLlavaConfig(AptCompositeConfigMixin, LlavaConfig):
         super().__post_init__(**kwargs)
 
 
+# LLaVA-NeXT's tower (CLIP ViT-L/14-336, as LLaVA-1.5's) at LLaVA-1.5's APT setting.
+_LLAVA_NEXT_TOWER = {
+    **LlavaNextConfig.sub_configs_defaults["vision_config"].init_kwargs,
+    "thresholds": list(LLAVA_15_THRESHOLDS[("entropy", 2)]),
+}
+
+
+class AptLlavaNextConfig(AptCompositeConfigMixin, LlavaNextConfig):
+    """`LlavaNextConfig` whose vision tower is an `AptCLIPVisionConfig`, plus `vision_feature_layout`.
+
+    A stock CLIP tower is converted with LLaVA-1.5's default thresholds for the APT fields not given.
+    `vision_feature_select_strategy="full"` is refused: the class token has no place in the anyres map (stock
+    LLaVA-NeXT's `pack_image_features` cannot reshape a CLIP tile with it either).
+    """
+
+    model_type = "apt_llava_next"
+    tower_config = AptCLIPVisionConfig
+    stock_model_type = "llava_next"
+    default_tower = _LLAVA_NEXT_TOWER
+    llava_thresholds = True
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AptCLIPVisionConfig, init_kwargs=_LLAVA_NEXT_TOWER),
+        "text_config": LlavaNextConfig.sub_configs_defaults["text_config"],
+    }
+
+    vision_feature_layout: str = "packed"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        validate_vision_feature_layout(self.vision_feature_layout)
+        if self.vision_feature_select_strategy == "full":
+            raise ValueError("vision_feature_select_strategy: expected 'default'; 'full' keeps the class token, which "
+                             "has no place in LLaVA-NeXT's anyres map (stock pack_image_features cannot reshape it)")
+        super().__post_init__(**kwargs)
+
+
+# LLaVA-OneVision's tower (SigLIP so400m/384) with LLaVA's APT setting and the OneVision processors' pixel statistics
+# (OpenAI CLIP's, not SigLIP's own 0.5): what a OneVision config without a tower gets.
+_LLAVA_ONEVISION_TOWER = {
+    **LlavaOnevisionConfig.sub_configs_defaults["vision_config"].init_kwargs,
+    "thresholds": list(LLAVA_15_THRESHOLDS[("entropy", 2)]),
+    "image_mean": list(OPENAI_CLIP_MEAN),
+    "image_std": list(OPENAI_CLIP_STD),
+}
+
+
+class AptLlavaOnevisionConfig(AptCompositeConfigMixin, LlavaOnevisionConfig):
+    """`LlavaOnevisionConfig` whose vision tower is an `AptSiglipVisionConfig`, plus `vision_feature_layout`.
+
+    A stock SigLIP tower is converted with LLaVA's default thresholds and, unless given, the OneVision processors'
+    pixel statistics (OpenAI CLIP's), which the dense input path (videos) un-normalises with.
+    """
+
+    model_type = "apt_llava_onevision"
+    tower_config = AptSiglipVisionConfig
+    stock_model_type = "llava_onevision"
+    default_tower = _LLAVA_ONEVISION_TOWER
+    llava_thresholds = True
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AptSiglipVisionConfig, init_kwargs=_LLAVA_ONEVISION_TOWER),
+        "text_config": LlavaOnevisionConfig.sub_configs_defaults["text_config"],
+    }
+
+    vision_feature_layout: str = "packed"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        validate_vision_feature_layout(self.vision_feature_layout)
+        vision = self.vision_config
+        if vision is not None and not isinstance(vision, AptSiglipVisionConfig) and not (
+                isinstance(vision, dict) and vision.get("model_type") == AptSiglipVisionConfig.model_type):
+            kwargs.setdefault("image_mean", list(OPENAI_CLIP_MEAN))  # a stock tower: the OneVision processors' stats
+            kwargs.setdefault("image_std", list(OPENAI_CLIP_STD))
+        super().__post_init__(**kwargs)
+
+
 class AptCLIPConfig(AptCompositeConfigMixin, CLIPConfig):
     """`CLIPConfig` (text and vision towers) whose vision tower is an `AptCLIPVisionConfig`: full CLIP, zero-shot."""
 
@@ -274,24 +350,28 @@ class AptSiglipConfig(AptCompositeConfigMixin, SiglipConfig):
 
 
 for _field in APT_FIELDS:
-    for _composite in (AptLlavaConfig, AptCLIPConfig, AptSiglipConfig):
+    for _composite in (AptLlavaConfig, AptCLIPConfig, AptSiglipConfig, AptLlavaOnevisionConfig, AptLlavaNextConfig):
         setattr(_composite, _field, property(lambda self, _f=_field: getattr(self.vision_config, _f)))
 
 AptCLIPVisionConfig.register_for_auto_class()
 AptViTConfig.register_for_auto_class()
 AptLlavaConfig.register_for_auto_class()
+AptLlavaNextConfig.register_for_auto_class()
 AptCLIPConfig.register_for_auto_class()
 AptSiglipVisionConfig.register_for_auto_class()
 AptSiglipConfig.register_for_auto_class()
+AptLlavaOnevisionConfig.register_for_auto_class()
 
 __all__ = [
     "AptConfigMixin",
     "AptCLIPVisionConfig",
     "AptViTConfig",
     "AptLlavaConfig",
+    "AptLlavaNextConfig",
     "AptCLIPConfig",
     "AptSiglipVisionConfig",
     "AptSiglipConfig",
+    "AptLlavaOnevisionConfig",
     "AptCompositeConfigMixin",
     "APT_FIELDS",
     "APT_SETTINGS",

@@ -21,15 +21,22 @@ from .configuration_apt import (
     AptCLIPConfig,
     AptCLIPVisionConfig,
     AptLlavaConfig,
+    AptLlavaNextConfig,
+    AptLlavaOnevisionConfig,
     AptSiglipConfig,
     AptSiglipVisionConfig,
     AptViTConfig,
 )
+from .image_processing_apt_llava_next import AptLlavaNextImageProcessorPil
 from .modeling_apt_clip import AptCLIPModel, AptCLIPVisionModel
 from .modeling_apt_llava import AptLlavaForConditionalGeneration, AptLlavaModel
+from .modeling_apt_llava_next import AptLlavaNextForConditionalGeneration, AptLlavaNextModel
+from .modeling_apt_llava_onevision import AptLlavaOnevisionForConditionalGeneration, AptLlavaOnevisionModel
 from .modeling_apt_siglip import AptSiglipModel, AptSiglipVisionModel
 from .modeling_apt_vit import AptViTForImageClassification, AptViTModel
 from .processing_apt_llava import AptLlavaProcessor
+from .processing_apt_llava_next import AptLlavaNextProcessor
+from .processing_apt_llava_onevision import AptLlavaOnevisionImageProcessorPil, AptLlavaOnevisionProcessor
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,9 @@ class CardKind:
 
 @dataclass(frozen=True)
 class Family:
-    """One model family: its APT configs and model classes, its model cards (kind -> card), and the processor of its
-    composite config (tokenizer + APT image processor; None: the image processor alone)."""
+    """One model family: its APT configs and model classes, its model cards (kind -> card), the processor of its
+    composite config (tokenizer + APT image processor; None: the image processor alone), and its own APT image
+    processor (any backend's class; its `class_for_backend` gives the others), where it has one (anyres tiling)."""
 
     name: str
     configs: tuple[type[PretrainedConfig], ...]
@@ -57,6 +65,7 @@ class Family:
     cards: dict[str, CardKind]
     processor: type | None = None
     processor_hint: str = "AptImageProcessor(...).save_pretrained(model_dir)"  # how to save what the hub needs
+    image_processor: type | None = None  # None: AptImageProcessor
 
 
 _DUAL = "apt_dual_encoder.md"  # CLIP and SigLIP: a vision tower, or image and text towers for zero-shot
@@ -89,10 +98,28 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "llava", (AptLlavaConfig,), (AptLlavaModel, AptLlavaForConditionalGeneration),
-        {"llava": CardKind("apt_llava.md", "APT-LLaVA", "image-text-to-text", "llama2", ("llava", "vision-language"),
-                           "LlavaForConditionalGeneration")},
+        {"llava": CardKind("apt_llava.md", "APT-LLaVA-1.5", "image-text-to-text", "llama2",
+                           ("llava", "vision-language"), "LlavaForConditionalGeneration")},
         processor=AptLlavaProcessor,
         processor_hint="AptLlavaProcessor.from_llava_processor(...).save_pretrained(model_dir)",
+    ),
+    Family(
+        "llava_next", (AptLlavaNextConfig,), (AptLlavaNextModel, AptLlavaNextForConditionalGeneration),
+        {"llava_next": CardKind("apt_llava.md", "APT-LLaVA-NeXT", "image-text-to-text", "llama2",
+                                ("llava_next", "vision-language"), "LlavaNextForConditionalGeneration")},
+        processor=AptLlavaNextProcessor,
+        processor_hint="AptLlavaNextProcessor.from_llava_next_processor(...).save_pretrained(model_dir)",
+        image_processor=AptLlavaNextImageProcessorPil,
+    ),
+    Family(
+        "llava_onevision", (AptLlavaOnevisionConfig,),
+        (AptLlavaOnevisionModel, AptLlavaOnevisionForConditionalGeneration),
+        {"llava_onevision": CardKind("apt_llava.md", "APT-LLaVA-OneVision", "image-text-to-text", "apache-2.0",
+                                     ("llava_onevision", "vision-language"),
+                                     "LlavaOnevisionForConditionalGeneration", has_class_token=False)},
+        processor=AptLlavaOnevisionProcessor,
+        processor_hint="AptLlavaOnevisionProcessor.from_llava_onevision_processor(...).save_pretrained(model_dir)",
+        image_processor=AptLlavaOnevisionImageProcessorPil,
     ),
 )
 CARD_KINDS: dict[str, CardKind] = {kind: card for family in FAMILIES for kind, card in family.cards.items()}
@@ -145,9 +172,11 @@ def register_auto_classes() -> None:
     if is_torchvision_available():  # without torchvision, AutoImageProcessor warns and uses "pil"
         backends["torchvision"] = apt_image_processor_class("torchvision")
     for family in FAMILIES:
+        classes = backends if family.image_processor is None else {
+            name: family.image_processor.class_for_backend(name) for name in backends}
         for config_class in family.configs:
             AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-            AutoImageProcessor.register(config_class, image_processor_classes=backends, exist_ok=True)
+            AutoImageProcessor.register(config_class, image_processor_classes=classes, exist_ok=True)
             if family.processor is not None and is_composite(config_class):
                 AutoProcessor.register(config_class, family.processor, exist_ok=True)
         for cls in family.models:

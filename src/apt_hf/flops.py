@@ -44,11 +44,13 @@ def vision_flops(config: Any, layout: PatchLayout, apt: bool, class_token: bool 
 
 
 def llava_prefill_flops(model: Any, vision_tokens: Sequence[int], text_lengths: Sequence[int],
-                        lm_image_tokens: int) -> float:
-    """FLOPs of a LLaVA prefill: the tower (CLS included) on `vision_tokens` per image, the projector on the
-    `lm_image_tokens` that reach the language model, and the language model over `text_lengths`."""
+                        lm_image_tokens: int, class_token: bool = True) -> float:
+    """FLOPs of a LLaVA prefill: the tower (plus a CLS token per image or tile where it has one) on
+    `vision_tokens` per image or tile, the projector on the `lm_image_tokens` that reach the language model, and the
+    language model over `text_lengths`."""
     vc, tc = model.config.vision_config, model.config.text_config
-    tower = vc.num_hidden_layers * layer_flops([t + 1 for t in vision_tokens], vc.hidden_size, vc.intermediate_size, 2)
+    tower = vc.num_hidden_layers * layer_flops([t + int(class_token) for t in vision_tokens], vc.hidden_size,
+                                               vc.intermediate_size, 2)
     projector = 2 * lm_image_tokens * (vc.hidden_size * tc.hidden_size + tc.hidden_size ** 2)
     text = tc.num_hidden_layers * layer_flops(text_lengths, tc.hidden_size, tc.intermediate_size, 3)
     return tower + projector + text

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_transforms import group_images_by_shape
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -88,6 +89,11 @@ class AptImageProcessingMixin:
         return self
 
     @classmethod
+    def class_for_backend(cls, backend: str) -> type[AptImageProcessingMixin]:
+        """This family's APT image processor class of a backend name (overridden by families with their own)."""
+        return apt_image_processor_class(backend)
+
+    @classmethod
     def from_image_processor(
         cls, processor_or_path: Any, backend: str | None = None, **apt_fields: Any
     ) -> AptImageProcessingMixin:
@@ -96,7 +102,7 @@ class AptImageProcessingMixin:
         `backend` ("pil" | "torchvision") picks the APT class, as `AutoImageProcessor.from_pretrained(backend=)`
         does; without it, the class this is called on (called on the mixin: the stock processor's backend).
         """
-        target = None if backend is None else apt_image_processor_class(backend)
+        target = None if backend is None else cls.class_for_backend(backend)
         if target is None and cls is not AptImageProcessingMixin:
             target = cls
         if isinstance(processor_or_path, str):
@@ -105,7 +111,7 @@ class AptImageProcessingMixin:
             load_backend = None if target is None else backend_of(target)
             processor_or_path = AutoImageProcessor.from_pretrained(processor_or_path, backend=load_backend)
         if target is None:
-            target = apt_image_processor_class(stock_backend(processor_or_path))
+            target = cls.class_for_backend(stock_backend(processor_or_path))
         settings = processor_or_path.to_dict()
         for key in ("image_processor_type", "processor_class", "auto_map", "_processor_class"):
             settings.pop(key, None)
@@ -155,7 +161,34 @@ class AptImageProcessingMixin:
             _check_input_values(image, i)
         resized = super()._preprocess(images, do_rescale=False, rescale_factor=rescale_factor, do_normalize=False,
                                       image_mean=image_mean, image_std=image_std, return_tensors=None, **kwargs)
-        resized = [_as_tensor(image) for image in resized["pixel_values"]]
+        to_pack, other_keys = self._images_to_pack(resized)
+        packed = self._score_and_pack(to_pack, patch_size, num_scales, thresholds, scorer, entropy_bins, do_rescale,
+                                      rescale_factor, do_normalize, image_mean, image_std,
+                                      kwargs.get("disable_grouping"))
+        return BatchFeature(data={**packed, **other_keys}, tensor_type=return_tensors)
+
+    def _images_to_pack(self, resized: BatchFeature) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """The 8-bit images to score and pack in the backend's resized output (here: each image), and the other keys
+        to return with them (none here; e.g. an anyres processor packs every tile and returns `image_sizes`)."""
+        return [_as_tensor(image) for image in resized["pixel_values"]], {}
+
+    def _score_and_pack(
+        self,
+        resized: list[torch.Tensor],
+        patch_size: int,
+        num_scales: int,
+        thresholds: list[float],
+        scorer: str,
+        entropy_bins: int,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: Any,
+        image_std: Any,
+        disable_grouping: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Score, select and pack resized (C, H, W) 8-bit images, then rescale / normalize the packed patches: the
+        `pixel_values` and layout keys, images in input order."""
         for i, image in enumerate(resized):
             if image.ndim != 3 or image.shape[0] not in (1, 3):
                 raise ValueError(f"images: expected RGB (or, for greyscale models, 1-channel) images after "
@@ -166,7 +199,7 @@ class AptImageProcessingMixin:
                                  f"{i} is {image.shape[1]}x{image.shape[2]}; change size / crop_size")
         # Grouped as transformers groups: by default one batch per shape off the CPU, one image at a time on it
         # (scoring is memory-bound there, and one image's working set stays in cache).
-        grouped, grouped_index = group_images_by_shape(resized, disable_grouping=kwargs.get("disable_grouping"))
+        grouped, grouped_index = group_images_by_shape(resized, disable_grouping=disable_grouping)
         packed, layouts = [], []
         for stacked in grouped.values():
             stacked = crop_to_patch_grid(stacked, patch_size)  # what the stock p x p conv sees (e.g. 384 -> 378 at 14)
@@ -177,7 +210,7 @@ class AptImageProcessingMixin:
                                                       image_std).float())
             layouts.append(layout)
         pixel_values, layout = _in_input_order(packed, layouts, list(grouped), grouped_index)
-        return BatchFeature(data={"pixel_values": pixel_values, **layout.as_dict()}, tensor_type=return_tensors)
+        return {"pixel_values": pixel_values, **layout.as_dict()}
 
     def _rescale_and_normalize(self, cells: torch.Tensor, do_rescale: bool, rescale_factor: float, do_normalize: bool,
                                image_mean: Any, image_std: Any) -> torch.Tensor:
@@ -335,7 +368,7 @@ def validate_backend(backend: str) -> str:
 
 def backend_of(processor_class: type) -> str:
     """The backend name of an APT image processor class (the one its `backend` property reports)."""
-    return "pil" if issubclass(processor_class, AptImageProcessorPil) else "torchvision"
+    return "pil" if issubclass(processor_class, PilBackend) else "torchvision"
 
 
 def stock_backend(processor: Any) -> str:
@@ -345,11 +378,13 @@ def stock_backend(processor: Any) -> str:
 
 def backend_auto_map(class_ref: str) -> str | dict[str, str]:
     """An `auto_map["AutoImageProcessor"]` entry for both backends ({backend: "module.Class"}, which transformers'
-    AutoImageProcessor resolves by its `backend` argument); a reference to another class is kept as it is."""
+    AutoImageProcessor resolves by its `backend` argument) of an APT image processor (`Apt*ImageProcessor` for
+    torchvision, `Apt*ImageProcessorPil` for PIL); a reference to another class is kept as it is."""
     prefix, _, name = class_ref.rpartition(".")
-    if name not in ("AptImageProcessor", "AptImageProcessorPil"):
+    base = name.removesuffix("Pil")
+    if not (base.startswith("Apt") and base.endswith("ImageProcessor")):
         return class_ref
-    return {"pil": f"{prefix}.AptImageProcessorPil", "torchvision": f"{prefix}.AptImageProcessor"}
+    return {"pil": f"{prefix}.{base}Pil", "torchvision": f"{prefix}.{base}"}
 
 
 AptImageProcessorPil.register_for_auto_class("AutoImageProcessor")

@@ -82,17 +82,18 @@ def load_apt_vlm(
     kind = checkpoint_model_type(path, revision=revision, trust_remote_code=trust_remote_code)
     family, stock = vlm_model_types()[kind]
     if stock:
-        stock_processor = AutoProcessor.from_pretrained(path, revision=revision)
-        image_processor = stock_processor.image_processor
+        # the family's processor loads the stock one itself (OneVision's cannot load through AutoProcessor without
+        # torchvision); the APT fields follow the converted model's below
+        patch_size = int(AutoConfig.from_pretrained(path, revision=revision).vision_config.patch_size)
+        processor = family.processor.from_stock_processor(
+            path, vision_feature_layout=vision_feature_layout or "packed", backend=backend, patch_size=patch_size)
         for stat in ("image_mean", "image_std"):  # the dense path un-normalises with the processor's statistics
-            fields.setdefault(stat, list(getattr(image_processor, stat)))
+            fields.setdefault(stat, list(getattr(processor.image_processor, stat)))
         with conversion_context():
             stock_model = AutoModelForImageTextToText.from_pretrained(path, revision=revision, **load_kwargs)
             model = convert(stock_model, vision_feature_layout=vision_feature_layout or "packed", **fields)
         del stock_model
-        processor = family.processor.from_stock_processor(
-            stock_processor, vision_feature_layout=model.config.vision_feature_layout, backend=backend,
-            **model.config.apt_fields)
+        processor.replace_apt_fields(**model.config.apt_fields)
     else:
         model = AutoModelForImageTextToText.from_pretrained(path, revision=revision,
                                                             trust_remote_code=trust_remote_code, **load_kwargs)

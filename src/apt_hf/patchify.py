@@ -589,7 +589,14 @@ def select_image_inputs(inputs: Mapping[str, Any], index: torch.Tensor,
 
     An anyres image (LLaVA-NeXT / OneVision) is several tiles, each packed as an image of its own:
     `tiles_per_image` (one count per image) moves an image's tiles together. Without it, one tile per image.
+    OneVision's `batch_num_images` (images per prompt) is selectable only as it comes from a flat list of images
+    (one image per entry), which is how training and evaluation call the processor.
     """
+    inputs = dict(inputs)
+    per_prompt = inputs.pop("batch_num_images", None)
+    if per_prompt is not None and any(int(n) != 1 for n in per_prompt):
+        raise ValueError(f"batch_num_images: images can be selected from a flat list of images (all ones), got "
+                         f"{list(per_prompt)}; process the images as a flat list")
     layout = PatchLayout.from_inputs(inputs)
     if tiles_per_image is None and layout is not None:
         tiles_per_image = torch.ones_like(layout.tokens_per_image)
@@ -613,4 +620,7 @@ def select_image_inputs(inputs: Mapping[str, Any], index: torch.Tensor,
                              f"{'' if num_images is None else f' ({num_images})'} to select images, got "
                              f"{getattr(value, 'shape', type(value).__name__)}")
         taken[key] = value[index.to(value.device)]
+    if per_prompt is not None:
+        ones = [1] * len(index)
+        taken["batch_num_images"] = torch.tensor(ones) if isinstance(per_prompt, torch.Tensor) else ones
     return taken

@@ -1,4 +1,5 @@
-"""Tiny stock LLaVA-1.5-shaped checkpoints built offline: for tests (apt_hf's and yours), the demo and the CPU recipe.
+"""Tiny stock LLaVA-1.5-, LLaVA-NeXT- and LLaVA-OneVision-shaped checkpoints built offline: for tests (apt_hf's and
+yours), the demo and the CPU recipe.
 
 Everything here is made locally (configs, random weights, a byte-level BPE tokenizer trained on a few
 sentences, LLaVA-1.5's conversation format as a chat template), so nothing is downloaded.
@@ -15,13 +16,26 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
+from transformers.utils import is_torchvision_available
 
 from .processing_apt_llava import LLAVA_15_CHAT_TEMPLATE
+from .processing_apt_llava_onevision import ImagesOnlyOnevisionProcessor
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 
 _CORPUS = [
     "USER: What is shown in the image? ASSISTANT: A cat sitting on a red sofa next to a window.",
@@ -101,3 +115,92 @@ def save_tiny_llava(output_dir: str | Path, seed: int = 0, **kwargs) -> Path:
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     return Path(output_dir)
+
+
+def tiny_llava_next_pinpoints(tile: int = 56) -> list[list[int]]:
+    """LLaVA-NeXT's anyres grid (1x2, 2x1, 2x2 tiles of 336 px, and more), here of `tile` px."""
+    return [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+
+
+def build_tiny_llava_next(seed: int = 0, image_size: int = 56, patch_size: int = 14,
+                          pinpoints: list[list[int]] | None = None, vision: CLIPVisionConfig | None = None,
+                          **text_kwargs) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """A randomly initialised stock LLaVA-NeXT and its LlavaNextProcessor, like llava-hf/llava-v1.6-vicuna-7b-hf but
+    tiny: LLaVA-1.5's wiring (CLIP tower of `image_size`-px tiles, layer -2, CLS dropped, Llama LM) with anyres
+    `pinpoints` (default: 1x2, 2x1 and 2x2 tiles); `vision`: another tower (its image and patch sizes win)."""
+    tokenizer = build_tokenizer()
+    vision = vision or tiny_vision_config(image_size=image_size, patch_size=patch_size)
+    image_size, patch_size = vision.image_size, vision.patch_size
+    llava = tiny_llava_config(tokenizer, vision, **text_kwargs)
+    pinpoints = pinpoints or tiny_llava_next_pinpoints(image_size)
+    config = LlavaNextConfig(
+        vision_config=llava.vision_config, text_config=llava.text_config, image_token_index=llava.image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        image_grid_pinpoints=pinpoints, image_seq_length=(image_size // patch_size) ** 2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                                 crop_size={"height": image_size, "width": image_size},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_15_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def tiny_onevision_pinpoints(tile: int = 60, max_tiles: int = 4) -> list[list[int]]:
+    """OneVision's anyres grid (every (h, w) of 1..6 tiles of 384 px), here 1..max_tiles tiles of `tile` px."""
+    sides = [tile * n for n in range(1, max_tiles + 1)]
+    return [[h, w] for h in sides for w in sides]
+
+
+def build_tiny_llava_onevision(seed: int = 0, image_size: int = 60, patch_size: int = 14, max_tiles: int = 4,
+                               vision_aspect_ratio: str = "anyres_max_9", text_hidden_size: int = 64,
+                               text_layers: int = 2, vision: SiglipVisionConfig | None = None,
+                               pinpoints: list[list[int]] | None = None, text_heads: int = 4,
+                               intermediate_size: int | None = None
+                               ) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
+    """A randomly initialised stock LLaVA-OneVision and its processor, like llava-hf/llava-onevision-qwen2-0.5b-ov-hf
+    but tiny: a SigLIP tower whose tile side the patch does not tile (60 px at 14: the convolution sees 56 px, a 4 x 4
+    grid, as so400m sees 378 of 384 px), a Qwen2 language model, anyres pinpoints of 1..max_tiles tiles a side (at 4,
+    "anyres_max_9" shrinks the largest grids, as the 6 x 6 tiles of 384 px are shrunk).
+
+    Without torchvision (which transformers' video processors need) the processor takes images and text only.
+    """
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens([VIDEO_TOKEN], special_tokens=True)
+    vision = vision or SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+                                          vision_use_head=False)
+    image_size, patch_size = vision.image_size, vision.patch_size
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=text_hidden_size, intermediate_size=intermediate_size
+        or 2 * text_hidden_size, num_hidden_layers=text_layers, num_attention_heads=text_heads,
+        num_key_value_heads=max(1, text_heads // 2), max_position_embeddings=32768,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    pinpoints = pinpoints or tiny_onevision_pinpoints(image_size, max_tiles)
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN), image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio=vision_aspect_ratio,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
+                                                      image_grid_pinpoints=pinpoints)
+    settings = {"num_image_tokens": (image_size // patch_size) ** 2, "vision_feature_select_strategy": "full",
+                "vision_aspect_ratio": vision_aspect_ratio}
+    if is_torchvision_available():
+        from transformers import LlavaOnevisionVideoProcessor
+
+        video_processor = LlavaOnevisionVideoProcessor(size={"height": image_size, "width": image_size})
+        processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                            video_processor=video_processor, **settings)
+    else:
+        processor = ImagesOnlyOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer, **settings)
+    return model, processor

@@ -472,3 +472,25 @@ def test_parse_thresholds() -> None:
     assert parse_thresholds("5.5;4.0") == [5.5, 4.0]
     assert parse_thresholds("[5.5, 4.0]") == [5.5, 4.0]
     assert parse_thresholds(-1.0) == [-1.0]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_families_evaluate_as_stock_when_nothing_merges(tmp_path: Path, family: str) -> None:
+    """The apt_llava model evaluates LLaVA-NeXT and LLaVA-OneVision checkpoints too: a stock one converted on the
+    fly answers as the stock model at [-1] (tiles moved with their image through the length-sorted batches),
+    and with merging every sample gets an answer from fewer visual tokens."""
+    from apt_hf.testing import build_tiny_llava_next, build_tiny_llava_onevision
+
+    model, processor = build_tiny_llava_next(image_size=56) if family == "llava_next" else \
+        build_tiny_llava_onevision()
+    model.save_pretrained(tmp_path / "stock")
+    processor.save_pretrained(tmp_path / "stock")
+    docs = _docs()
+    stock_lm = _apt_model(f"pretrained={tmp_path / 'stock'}")
+    assert stock_lm.kind == family
+    unmerged = _apt_model(f"pretrained={tmp_path / 'stock'},{UNMERGED}")
+    assert unmerged.kind == f"{family}->apt_{family}"
+    assert _generate(unmerged, docs) == _generate(stock_lm, docs)
+    merged = _apt_model(f"pretrained={tmp_path / 'stock'},{MERGING}")
+    answers = _generate(merged, docs)
+    assert len(answers) == len(docs) and all(isinstance(a, str) for a in answers)
