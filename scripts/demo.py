@@ -5,7 +5,8 @@
 1. patchify scikit-image's photographs at LLaVA-1.5's setting (336/14, S=2, [5.75]) and the paper's 3-scale
    setting (S=3, [5.5, 4.0]); write the uniform-vs-APT pictures and print tokens kept per image;
 2. convert a CLIP vision tower to APT and show that, with nothing merged, it reproduces the stock tower;
-3. convert a tiny LLaVA-1.5 to APT-LLaVA (packed and grid layouts) and chat with it about a photo;
+3. convert a tiny LLaVA-1.5 to APT-LLaVA (packed and grid layouts) and chat with it about a photo, then the same
+   with a tiny LLaVA-NeXT (any-resolution tiles, APT on every tile);
 4. fine-tune it with recipes/tiny-cpu.yaml through `accelerate launch` and chat with the result.
 Real checkpoints (openai/clip-vit-large-patch14-336, llava-hf/llava-1.5-7b-hf) work the same way; see README.
 """
@@ -22,12 +23,19 @@ from pathlib import Path
 import torch
 import yaml
 from PIL import Image
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlavaNextConfig
 
-from apt_hf import AptCLIPVisionModel, AptImageProcessor, AptLlavaForConditionalGeneration, AptLlavaProcessor
+from apt_hf import (
+    AptCLIPVisionModel,
+    AptImageProcessor,
+    AptLlavaForConditionalGeneration,
+    AptLlavaNextForConditionalGeneration,
+    AptLlavaNextProcessor,
+    AptLlavaProcessor,
+)
 from apt_hf.patchify import default_thresholds
 from apt_hf.sample_images import load_photos
-from apt_hf.testing import build_tiny_llava, tiny_vision_config
+from apt_hf.testing import build_tiny_llava, build_tiny_llava_next, tiny_vision_config
 from apt_hf.visualization import processed_images, side_by_side, split_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +118,22 @@ def llava(output_dir: Path) -> Path:
     return path
 
 
+def llava_next() -> None:
+    print("\n== 3b. tiny LLaVA-NeXT -> APT (base tile + any-resolution crops, APT on each), chat ==")
+    stock, stock_processor = build_tiny_llava_next(vision=tiny_vision_config(image_size=336),
+                                                   pinpoints=LlavaNextConfig().image_grid_pinpoints)
+    photo = load_photos(("coffee.png",))["coffee"]
+    answer, visual_tokens = chat(stock, stock_processor, photo, "What is in the cup?")
+    print(f"stock LLaVA-NeXT: {visual_tokens} visual tokens, answer {answer!r}")
+    for layout in ("packed", "grid"):
+        model = AptLlavaNextForConditionalGeneration.from_llava_next(stock, vision_feature_layout=layout,
+                                                                     thresholds=LLAVA_THRESHOLDS)
+        processor = AptLlavaNextProcessor.from_llava_next_processor(stock_processor, vision_feature_layout=layout,
+                                                                    thresholds=LLAVA_THRESHOLDS)
+        answer, apt_tokens = chat(model, processor, photo, "What is in the cup?")
+        print(f"APT-LLaVA-NeXT ({layout}): {apt_tokens} visual tokens (stock {visual_tokens}), answer {answer!r}")
+
+
 def finetune(output_dir: Path) -> None:
     recipe = ROOT / "recipes" / "tiny-cpu.yaml"
     print(f"\n== 4. fine-tune with {recipe.relative_to(ROOT)} (accelerate launch, CPU) ==")
@@ -141,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     patch_layouts(output_dir)
     vision_tower()
     llava(output_dir)
+    llava_next()
     if not args.skip_training and (ROOT / "recipes" / "tiny-cpu.yaml").exists():
         finetune(output_dir)
     print("\ndone.")

@@ -307,14 +307,15 @@ def test_recipe_values_are_overridden_by_flags(tmp_path: Path) -> None:
     assert apt_args.thresholds == [-1.0]
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("llava-1.5-*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("llava-*.yaml")), ids=lambda p: p.name)
 def test_gpu_recipes_parse(recipe: Path, tmp_path: Path) -> None:
-    """Every key of the 7B / 13B recipes is a real flag (bf16 / tf32 switched off: this machine has no GPU)."""
+    """Every key of the LLaVA-1.5 / -NeXT / -OneVision recipes is a real flag (bf16 / tf32 switched off: no GPU)."""
     model_args, apt_args, data_args, training_args = parse_args(
         ["--config", str(recipe), "--bf16", "false", "--tf32", "false", "--output_dir", str(tmp_path)])
     assert apt_args.thresholds == [5.75] and apt_args.num_scales == 2
     assert data_args.sample_fraction == 0.05 and training_args.num_train_epochs == 1
-    assert model_args.model_name_or_path.startswith("llava-hf/llava-1.5-")
+    assert model_args.model_name_or_path.startswith(("llava-hf/llava-1.5-", "llava-hf/llava-v1.6-",
+                                                     "llava-hf/llava-onevision-"))
 
 
 def test_accelerate_configs_are_valid() -> None:

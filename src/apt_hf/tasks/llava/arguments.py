@@ -24,7 +24,8 @@ class ModelArguments:
     """Which checkpoint to start from and which of its parts train."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Stock LLaVA (converted on the fly) or APT-LLaVA: hub id or local path."}
+        default=None, metadata={"help": "Stock LLaVA-1.5 / -NeXT / -OneVision (converted on the fly) or an APT "
+                                               "conversion of one: hub id or local path."}
     )
     vision_feature_layout: str | None = field(
         default=None,
