@@ -25,9 +25,8 @@ from transformers.models.llava.modeling_llava import LlavaModel, LlavaMultiModal
 from .configuration_apt import AptLlavaConfig
 from .modeling_apt import AptPreTrainedMixin, drop_cls_tokens, expand_to_grid
 from .modeling_apt_clip import AptCLIPVisionModel
+from .modeling_apt_vlm import placeholder_slots, vlm_layer_groups, vlm_trainable_parts
 from .patchify import PatchLayout
-
-_TOWER_APT_LAYERS = r"^model\.vision_tower\.embeddings\.(?:merge_conv|zero_mlp)\."
 
 
 class AptLlavaModel(AptPreTrainedMixin, LlavaModel):
@@ -37,16 +36,8 @@ class AptLlavaModel(AptPreTrainedMixin, LlavaModel):
     apt_auto_map: ClassVar[dict[str, str]] = {"AutoModel": "AptLlavaModel"}
     stock_class = LlavaModel
     card_kind = "llava"
-    trainable_parts: ClassVar[dict[str, str]] = {
-        "apt": r"^vision_tower\.embeddings\.(?:merge_conv|zero_mlp)\.",
-        "projector": r"^multi_modal_projector\.",
-        "language_model": r"^language_model\.",
-        "vision_tower": r"^vision_tower\.",
-    }
-    layer_groups: ClassVar[dict[str, str]] = {
-        "stem": r"^vision_tower\.(?:embeddings\.(?!(?:merge_conv|zero_mlp)\.)|pre_layrnorm\.)",
-        "blocks": r"^vision_tower\.encoder\.layers\.(\d+)\.",
-    }
+    trainable_parts: ClassVar[dict[str, str]] = vlm_trainable_parts(in_model=False)
+    layer_groups: ClassVar[dict[str, str]] = vlm_layer_groups(in_model=False)
 
     def __init__(self, config: AptLlavaConfig) -> None:
         LlavaPreTrainedModel.__init__(self, config)
@@ -109,21 +100,8 @@ class AptLlavaModel(AptPreTrainedMixin, LlavaModel):
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor,
                              image_features: torch.Tensor) -> torch.Tensor:
         """The `<image>` slots (B, L, 1), refusing a count that does not match the features with a clear error."""
-        if input_ids is None:
-            image_embed = self.get_input_embeddings()(
-                torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
-            slots = (inputs_embeds == image_embed).all(-1)
-        else:
-            slots = input_ids == self.config.image_token_id
-        found, needed = int(slots.sum()), image_features.shape[0]
-        if found != needed:
-            raise ValueError(
-                f"input_ids: {found} <image> tokens for {needed} image features (vision_feature_layout="
-                f"{self.config.vision_feature_layout!r}). Build the inputs with an AptLlavaProcessor of the same "
-                f"layout (AptLlavaProcessor.from_llava_processor(..., vision_feature_layout="
-                f"{self.config.vision_feature_layout!r})) and one <image> per image"
-            )
-        return slots[..., None].to(inputs_embeds.device)
+        return placeholder_slots(self, input_ids, inputs_embeds, self.config.image_token_id, image_features, "image",
+                                 "AptLlavaProcessor.from_llava_processor")
 
     def encode_images(
         self,
@@ -180,16 +158,8 @@ class AptLlavaForConditionalGeneration(AptPreTrainedMixin, LlavaForConditionalGe
     # model with its head, the whole vision tower). `layer_groups`, in timm's `group_matcher` format: the stem, then
     # the numbered blocks; whatever neither matches (APT's new layers, projector, language model) is the top group,
     # so layer-wise LR decay runs down the vision tower, the part APT changes.
-    trainable_parts: ClassVar[dict[str, str]] = {
-        "apt": _TOWER_APT_LAYERS,
-        "projector": r"^model\.multi_modal_projector\.",
-        "language_model": r"^(?:model\.language_model|lm_head)\.",
-        "vision_tower": r"^model\.vision_tower\.",
-    }
-    layer_groups: ClassVar[dict[str, str]] = {
-        "stem": r"^model\.vision_tower\.(?:embeddings\.(?!(?:merge_conv|zero_mlp)\.)|pre_layrnorm\.)",
-        "blocks": r"^model\.vision_tower\.encoder\.layers\.(\d+)\.",
-    }
+    trainable_parts: ClassVar[dict[str, str]] = vlm_trainable_parts(in_model=True)
+    layer_groups: ClassVar[dict[str, str]] = vlm_layer_groups(in_model=True)
 
     def __init__(self, config: AptLlavaConfig) -> None:
         LlavaPreTrainedModel.__init__(self, config)

@@ -39,9 +39,8 @@ from .anyres import anyres_packed_order, anyres_tiles
 from .configuration_apt import AptLlavaNextConfig
 from .modeling_apt import AptPreTrainedMixin, drop_cls_tokens, expand_to_grid
 from .modeling_apt_clip import AptCLIPVisionModel
+from .modeling_apt_vlm import placeholder_slots, vlm_layer_groups, vlm_trainable_parts
 from .patchify import PatchLayout
-
-_APT_LAYERS = r"vision_tower\.embeddings\.(?:merge_conv|zero_mlp)\."
 
 
 class AptLlavaNextModel(AptPreTrainedMixin, LlavaNextModel):
@@ -52,16 +51,8 @@ class AptLlavaNextModel(AptPreTrainedMixin, LlavaNextModel):
     stock_class = LlavaNextModel
     card_kind = "llava_next"
     # the projector trains with the learned `image_newline`, its companion in the anyres sequence
-    trainable_parts: ClassVar[dict[str, str]] = {
-        "apt": rf"^{_APT_LAYERS}",
-        "projector": r"^(?:multi_modal_projector\.|image_newline$)",
-        "language_model": r"^language_model\.",
-        "vision_tower": r"^vision_tower\.",
-    }
-    layer_groups: ClassVar[dict[str, str]] = {
-        "stem": r"^vision_tower\.(?:embeddings\.(?!(?:merge_conv|zero_mlp)\.)|pre_layrnorm\.)",
-        "blocks": r"^vision_tower\.encoder\.layers\.(\d+)\.",
-    }
+    trainable_parts: ClassVar[dict[str, str]] = vlm_trainable_parts(in_model=False, image_newline=True)
+    layer_groups: ClassVar[dict[str, str]] = vlm_layer_groups(in_model=False)
 
     def __init__(self, config: AptLlavaNextConfig) -> None:
         LlavaNextPreTrainedModel.__init__(self, config)
@@ -144,21 +135,8 @@ class AptLlavaNextModel(AptPreTrainedMixin, LlavaNextModel):
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor,
                              image_features: torch.Tensor) -> torch.Tensor:
         """The `<image>` slots (B, L, 1), refusing a count that does not match the features with a clear error."""
-        if input_ids is None:
-            image_embed = self.get_input_embeddings()(
-                torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
-            slots = (inputs_embeds == image_embed).all(-1)
-        else:
-            slots = input_ids == self.config.image_token_id
-        found, needed = int(slots.sum()), image_features.shape[0]
-        if found != needed:
-            layout = self.config.vision_feature_layout
-            raise ValueError(
-                f"input_ids: {found} <image> tokens for {needed} image features (vision_feature_layout={layout!r}). "
-                f"Build the inputs with an AptLlavaNextProcessor of the same layout (AptLlavaNextProcessor."
-                f"from_llava_next_processor(..., vision_feature_layout={layout!r})) and one <image> per image"
-            )
-        return slots[..., None].to(inputs_embeds.device)
+        return placeholder_slots(self, input_ids, inputs_embeds, self.config.image_token_id, image_features, "image",
+                                 "AptLlavaNextProcessor.from_llava_next_processor")
 
     def encode_images(
         self,
@@ -214,16 +192,8 @@ class AptLlavaNextForConditionalGeneration(AptPreTrainedMixin, LlavaNextForCondi
     stock_class = LlavaNextForConditionalGeneration
     card_kind = "llava_next"
     # As AptLlavaForConditionalGeneration's; the projector part includes the learned `image_newline`.
-    trainable_parts: ClassVar[dict[str, str]] = {
-        "apt": rf"^model\.{_APT_LAYERS}",
-        "projector": r"^model\.(?:multi_modal_projector\.|image_newline$)",
-        "language_model": r"^(?:model\.language_model|lm_head)\.",
-        "vision_tower": r"^model\.vision_tower\.",
-    }
-    layer_groups: ClassVar[dict[str, str]] = {
-        "stem": r"^model\.vision_tower\.(?:embeddings\.(?!(?:merge_conv|zero_mlp)\.)|pre_layrnorm\.)",
-        "blocks": r"^model\.vision_tower\.encoder\.layers\.(\d+)\.",
-    }
+    trainable_parts: ClassVar[dict[str, str]] = vlm_trainable_parts(in_model=True, image_newline=True)
+    layer_groups: ClassVar[dict[str, str]] = vlm_layer_groups(in_model=True)
 
     def __init__(self, config: AptLlavaNextConfig) -> None:
         LlavaNextPreTrainedModel.__init__(self, config)

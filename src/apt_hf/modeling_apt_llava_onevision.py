@@ -48,10 +48,9 @@ from .anyres import anyres_packed_order
 from .configuration_apt import AptLlavaOnevisionConfig
 from .modeling_apt import AptPreTrainedMixin, expand_to_grid
 from .modeling_apt_siglip import AptSiglipVisionModel
+from .modeling_apt_vlm import placeholder_slots, vlm_layer_groups, vlm_trainable_parts
 from .patchify import PatchLayout
 from .processing_apt_llava_onevision import onevision_tiles
-
-_APT_LAYERS = r"(?:merge_conv|zero_mlp)\."
 
 
 class AptLlavaOnevisionModel(AptPreTrainedMixin, LlavaOnevisionModel):
@@ -61,16 +60,8 @@ class AptLlavaOnevisionModel(AptPreTrainedMixin, LlavaOnevisionModel):
     apt_auto_map: ClassVar[dict[str, str]] = {"AutoModel": "AptLlavaOnevisionModel"}
     stock_class = LlavaOnevisionModel
     card_kind = "llava_onevision"
-    trainable_parts: ClassVar[dict[str, str]] = {
-        "apt": rf"^vision_tower\.embeddings\.{_APT_LAYERS}",
-        "projector": r"^(?:multi_modal_projector\.|image_newline$)",
-        "language_model": r"^language_model\.",
-        "vision_tower": r"^vision_tower\.",
-    }
-    layer_groups: ClassVar[dict[str, str]] = {
-        "stem": rf"^vision_tower\.embeddings\.(?!{_APT_LAYERS})",
-        "blocks": r"^vision_tower\.encoder\.layers\.(\d+)\.",
-    }
+    trainable_parts: ClassVar[dict[str, str]] = vlm_trainable_parts(in_model=False, image_newline=True)
+    layer_groups: ClassVar[dict[str, str]] = vlm_layer_groups(in_model=False)
 
     def __init__(self, config: AptLlavaOnevisionConfig) -> None:
         LlavaOnevisionPreTrainedModel.__init__(self, config)
@@ -217,25 +208,11 @@ class AptLlavaOnevisionModel(AptPreTrainedMixin, LlavaOnevisionModel):
                              video_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The `<image>` and `<video>` slots (B, L, 1) each, refusing counts that do not match the features with a
         clear error."""
-        slots = {}
-        for name, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
-            if input_ids is None:
-                embed = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
-                slots[name] = (inputs_embeds == embed).all(-1)
-            else:
-                slots[name] = input_ids == token_id
-        for name, found_features in (("image", image_features), ("video", video_features)):
-            if found_features is None:
-                continue
-            found, needed = int(slots[name].sum()), found_features.numel() // inputs_embeds.shape[-1]
-            if found != needed:
-                raise ValueError(
-                    f"input_ids: {found} <{name}> tokens for {needed} {name} features (vision_feature_layout="
-                    f"{self.config.vision_feature_layout!r}). Build the inputs with an AptLlavaOnevisionProcessor of "
-                    f"the same layout (AptLlavaOnevisionProcessor.from_llava_onevision_processor(..., "
-                    f"vision_feature_layout={self.config.vision_feature_layout!r})) and one <{name}> per {name}"
-                )
-        return (slots["image"][..., None].to(inputs_embeds.device), slots["video"][..., None].to(inputs_embeds.device))
+        hint = "AptLlavaOnevisionProcessor.from_llava_onevision_processor"
+        return (placeholder_slots(self, input_ids, inputs_embeds, self.config.image_token_id, image_features,
+                                  "image", hint),
+                placeholder_slots(self, input_ids, inputs_embeds, self.config.video_token_id, video_features,
+                                  "video", hint))
 
     def encode_inputs(
         self,
@@ -301,17 +278,8 @@ class AptLlavaOnevisionForConditionalGeneration(AptPreTrainedMixin, LlavaOnevisi
     }
     stock_class = LlavaOnevisionForConditionalGeneration
     card_kind = "llava_onevision"
-    # As AptLlavaForConditionalGeneration's: `--trainable` names, and timm-style layer groups down the vision tower.
-    trainable_parts: ClassVar[dict[str, str]] = {
-        "apt": rf"^model\.vision_tower\.embeddings\.{_APT_LAYERS}",
-        "projector": r"^model\.(?:multi_modal_projector\.|image_newline$)",
-        "language_model": r"^(?:model\.language_model|lm_head)\.",
-        "vision_tower": r"^model\.vision_tower\.",
-    }
-    layer_groups: ClassVar[dict[str, str]] = {
-        "stem": rf"^model\.vision_tower\.embeddings\.(?!{_APT_LAYERS})",
-        "blocks": r"^model\.vision_tower\.encoder\.layers\.(\d+)\.",
-    }
+    trainable_parts: ClassVar[dict[str, str]] = vlm_trainable_parts(in_model=True, image_newline=True)
+    layer_groups: ClassVar[dict[str, str]] = vlm_layer_groups(in_model=True)
 
     def __init__(self, config: AptLlavaOnevisionConfig) -> None:
         LlavaOnevisionPreTrainedModel.__init__(self, config)

@@ -12,19 +12,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import make_flat_list_of_images
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
 from .anyres import anyres_packed_order, anyres_tiles
 from .configuration_apt import validate_vision_feature_layout
-from .image_processing_apt import stock_backend, validate_backend
 from .image_processing_apt_llava_next import apt_llava_next_image_processor_class
 from .patchify import PatchLayout
+from .processing_apt_vlm import AptVlmProcessorMixin
 
 
-class AptLlavaNextProcessor(LlavaNextProcessor):
+class AptLlavaNextProcessor(AptVlmProcessorMixin, LlavaNextProcessor):
     """LLaVA-NeXT's processor (tokenizer, chat template, image-token expansion) with APT tile packing."""
+
+    stock_processor_class = LlavaNextProcessor
+    image_processor_for_backend = staticmethod(apt_llava_next_image_processor_class)
 
     def __init__(
         self,
@@ -49,14 +50,6 @@ class AptLlavaNextProcessor(LlavaNextProcessor):
         )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> AptLlavaNextProcessor:
-        """As LlavaNextProcessor's. A `backend` ("pil" | "torchvision") is checked here, then reaches
-        AutoImageProcessor, which picks the APT image processor class by it (from the saved auto_map as remote code)."""
-        if kwargs.get("backend") is not None:
-            validate_backend(kwargs["backend"])
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    @classmethod
     def from_llava_next_processor(
         cls, processor_or_path: Any, vision_feature_layout: str = "packed", backend: str | None = None,
         **apt_fields: Any,
@@ -66,19 +59,7 @@ class AptLlavaNextProcessor(LlavaNextProcessor):
         `backend` ("pil" | "torchvision") picks the APT image processor class; without it, the stock image
         processor's backend is kept (PIL and torchvision resizing differ slightly).
         """
-        validate_vision_feature_layout(vision_feature_layout)
-        target = None if backend is None else apt_llava_next_image_processor_class(backend)
-        if isinstance(processor_or_path, str):
-            from transformers import AutoProcessor
-
-            processor_or_path = AutoProcessor.from_pretrained(processor_or_path)
-        stock = processor_or_path
-        if not isinstance(stock, LlavaNextProcessor):
-            raise ValueError(f"processor_or_path: expected a LlavaNextProcessor, got {type(stock).__name__}")
-        apt_fields.setdefault("patch_size", stock.patch_size)
-        if target is None:
-            target = apt_llava_next_image_processor_class(stock_backend(stock.image_processor))
-        image_processor = target.from_image_processor(stock.image_processor, **apt_fields)
+        stock, image_processor = cls._wrap_stock(processor_or_path, vision_feature_layout, backend, apt_fields)
         return cls(
             image_processor=image_processor, tokenizer=stock.tokenizer, patch_size=stock.patch_size,
             vision_feature_select_strategy=stock.vision_feature_select_strategy, chat_template=stock.chat_template,
@@ -87,16 +68,6 @@ class AptLlavaNextProcessor(LlavaNextProcessor):
         )
 
     from_stock_processor = from_llava_next_processor  # the name every vision-language family's processor has
-
-    def replace_apt_fields(self, vision_feature_layout: str | None = None, **fields: Any) -> AptLlavaNextProcessor:
-        """Set the image processor's APT fields and/or the layout in place, validated; returns the processor."""
-        if vision_feature_layout is not None:
-            validate_vision_feature_layout(vision_feature_layout)
-        if fields:
-            self.image_processor.replace_apt_fields(**fields)
-        if vision_feature_layout is not None:
-            self.vision_feature_layout = vision_feature_layout
-        return self
 
     def tile_size(self) -> int:
         """The side of a tile in pixels, as stock LLaVA-NeXT preprocessing picks it (crop size, else size)."""
@@ -123,39 +94,6 @@ class AptLlavaNextProcessor(LlavaNextProcessor):
         layout = PatchLayout(*(torch.as_tensor(image_inputs[k]) for k in PatchLayout.KEYS))
         _, counts = anyres_packed_order(layout, tiles, grid_shapes, sizes)
         return counts.tolist()
-
-    def _process_images(self, images: Any, **kwargs: Any) -> tuple[BatchFeature, list[str]]:
-        """The image processor's output and each image's `<image>` expansion, counted once for the whole batch."""
-        processed = self.image_processor(images, **kwargs)
-        return processed, [self.image_token * n for n in self.image_token_counts(processed)]
-
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        return self.image_token * self.image_token_counts(image_inputs)[image_idx]
-
-    def validate_inputs(self, images: Any = None, text: Any = None, **kwargs: Any) -> None:
-        if text is not None:  # images alone: nothing to pair
-            texts = [text] if isinstance(text, str) else list(text)
-            placeholders = sum(t.count(self.image_token) for t in texts)
-            n_images = 0 if images is None else len(make_flat_list_of_images(images))
-            if placeholders != n_images:
-                raise ValueError(
-                    f"images: got {n_images} image(s) but the text has {placeholders} {self.image_token} "
-                    f"placeholder(s); put one {self.image_token} in the text per image"
-                )
-        super().validate_inputs(images=images, text=text, **kwargs)
-
-    def _check_special_mm_tokens(self, text: list[str], text_inputs: Any, modalities: list[str]) -> None:
-        """Refuse truncation that cuts image tokens, saying which max_length the batch needs."""
-        ids = text_inputs["input_ids"]
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
-        for i, (sample_ids, sample_text) in enumerate(zip(ids, text, strict=True)):
-            if list(sample_ids).count(self.image_token_id) != sample_text.count(self.image_token):
-                needed = len(self.tokenizer(sample_text)["input_ids"])
-                raise ValueError(
-                    f"max_length: truncation would cut image tokens of sample {i}, which needs {needed} tokens; "
-                    f"set max_length >= {needed} or disable truncation"
-                )
-        super()._check_special_mm_tokens(text, text_inputs, modalities)
 
 
 AptLlavaNextProcessor.register_for_auto_class("AutoProcessor")

@@ -34,9 +34,10 @@ from transformers.utils import is_torchvision_available, logging
 
 from .anyres import anyres_packed_order, anyres_tiles
 from .configuration_apt import validate_vision_feature_layout
-from .image_processing_apt import AptImageProcessorKwargs, AptImageProcessorPil, stock_backend, validate_backend
+from .image_processing_apt import AptImageProcessorKwargs, AptImageProcessorPil, validate_backend
 from .image_processing_apt_llava_next import AptAnyresImageProcessingMixin
 from .patchify import PatchLayout
+from .processing_apt_vlm import AptVlmProcessorMixin
 
 logger = logging.get_logger(__name__)
 
@@ -135,9 +136,13 @@ class ImagesOnlyOnevisionProcessor(LlavaOnevisionProcessor):
         return attributes if is_torchvision_available() else [a for a in attributes if a != "video_processor"]
 
 
-class AptLlavaOnevisionProcessor(LlavaOnevisionProcessor):
+class AptLlavaOnevisionProcessor(AptVlmProcessorMixin, LlavaOnevisionProcessor):
     """LLaVA-OneVision's processor (tokenizer, chat template, video processing) with APT tile packing, and `<image>`
     expanded to exactly the model's feature count for its `vision_feature_layout`."""
+
+    stock_processor_class = LlavaOnevisionProcessor
+    stock_loader = ImagesOnlyOnevisionProcessor  # loads without torchvision too (images and text only then)
+    image_processor_for_backend = staticmethod(onevision_image_processor_class)
 
     def __init__(
         self,
@@ -169,15 +174,6 @@ class AptLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         return attributes if is_torchvision_available() else [a for a in attributes if a != "video_processor"]
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any
-                        ) -> AptLlavaOnevisionProcessor:
-        """As LlavaOnevisionProcessor's. A `backend` ("pil" | "torchvision") is checked here, then reaches
-        AutoImageProcessor, which picks the APT image processor class by it."""
-        if kwargs.get("backend") is not None:
-            validate_backend(kwargs["backend"])
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    @classmethod
     def from_llava_onevision_processor(
         cls, processor_or_path: Any, vision_feature_layout: str = "packed", backend: str | None = None,
         **apt_fields: Any,
@@ -188,16 +184,7 @@ class AptLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         `backend` ("pil" | "torchvision") picks the APT image processor class; without it, the stock image processor's
         backend is kept (PIL and torchvision resizing differ slightly).
         """
-        validate_vision_feature_layout(vision_feature_layout)
-        target = None if backend is None else onevision_image_processor_class(backend)
-        if isinstance(processor_or_path, str):
-            processor_or_path = ImagesOnlyOnevisionProcessor.from_pretrained(processor_or_path)
-        stock = processor_or_path
-        if not isinstance(stock, LlavaOnevisionProcessor):
-            raise ValueError(f"processor_or_path: expected a LlavaOnevisionProcessor, got {type(stock).__name__}")
-        if target is None:
-            target = onevision_image_processor_class(stock_backend(stock.image_processor))
-        image_processor = target.from_image_processor(stock.image_processor, **apt_fields)
+        stock, image_processor = cls._wrap_stock(processor_or_path, vision_feature_layout, backend, apt_fields)
         return cls(
             image_processor=image_processor, tokenizer=stock.tokenizer,
             video_processor=getattr(stock, "video_processor", None), num_image_tokens=stock.num_image_tokens,
@@ -207,17 +194,6 @@ class AptLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         )
 
     from_stock_processor = from_llava_onevision_processor  # the name every vision-language family's processor has
-
-    def replace_apt_fields(self, vision_feature_layout: str | None = None, **fields: Any
-                           ) -> AptLlavaOnevisionProcessor:
-        """Set the image processor's APT fields and/or the layout in place, validated; returns the processor."""
-        if vision_feature_layout is not None:
-            validate_vision_feature_layout(vision_feature_layout)
-        if fields:
-            self.image_processor.replace_apt_fields(**fields)
-        if vision_feature_layout is not None:
-            self.vision_feature_layout = vision_feature_layout
-        return self
 
     def stock_token_counts(self, image_inputs: dict) -> list[int]:
         """How many `<image>` tokens stock OneVision gives each image (its own counting: `_get_number_of_features`
@@ -253,14 +229,6 @@ class AptLlavaOnevisionProcessor(LlavaOnevisionProcessor):
     def _tiles(self, image_inputs: dict) -> tuple[list[int], torch.Tensor]:
         return onevision_tiles(image_inputs["image_sizes"], image_inputs.get("batch_num_images"),
                                self.image_processor.image_grid_pinpoints, self._tile_size()[0])
-
-    def _process_images(self, images: Any, **kwargs: Any) -> tuple[BatchFeature, list[str]]:
-        """The image processor's output and each image's `<image>` expansion, counted once for the whole batch."""
-        processed = self.image_processor(images, **kwargs)
-        return processed, [self.image_token * n for n in self.image_token_counts(processed)]
-
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        return self.image_token * self.image_token_counts(image_inputs)[image_idx]
 
     def validate_inputs(self, images: Any = None, text: Any = None, **kwargs: Any) -> None:
         """Stock's checks, plus: images nested per prompt must match that prompt's `<image>` count, and videos need
