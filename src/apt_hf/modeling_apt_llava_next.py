@@ -39,7 +39,7 @@ from .anyres import anyres_packed_order, anyres_tiles
 from .configuration_apt import AptLlavaNextConfig
 from .modeling_apt import AptPreTrainedMixin, drop_cls_tokens, expand_to_grid
 from .modeling_apt_clip import AptCLIPVisionModel
-from .modeling_apt_vlm import placeholder_slots, vlm_layer_groups, vlm_trainable_parts
+from .modeling_apt_vlm import encode_inputs, placeholder_slots, vlm_layer_groups, vlm_trainable_parts
 from .patchify import PatchLayout
 
 
@@ -138,26 +138,6 @@ class AptLlavaNextModel(AptPreTrainedMixin, LlavaNextModel):
         return placeholder_slots(self, input_ids, inputs_embeds, self.config.image_token_id, image_features, "image",
                                  "AptLlavaNextProcessor.from_llava_next_processor")
 
-    def encode_images(
-        self,
-        pixel_values: torch.Tensor | None,
-        image_sizes: torch.Tensor | None,
-        mm_encoder_outputs: dict[str, Any] | None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        **layout_inputs: Any,
-    ) -> dict[str, Any] | None:
-        """`mm_encoder_outputs` with the images encoded from pixels, `image_sizes` and the layout keys, when given."""
-        if pixel_values is None:
-            if PatchLayout.from_inputs(layout_inputs) is not None:
-                raise ValueError("pixel_values: the packed layout keys were given without the pixels they describe")
-            return mm_encoder_outputs
-        if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
-            raise ValueError("pixel_values / mm_encoder_outputs: pass raw pixels or pre-encoded images, not both")
-        image = self.get_image_features(pixel_values, image_sizes, vision_feature_layer,
-                                        vision_feature_select_strategy, **layout_inputs)
-        return {**(mm_encoder_outputs or {}), "image": image}
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -173,11 +153,12 @@ class AptLlavaNextModel(AptPreTrainedMixin, LlavaNextModel):
         **kwargs: Any,
     ) -> Any:
         """`LlavaNextModel.forward` plus the processor's packed image keys (encoded here into `mm_encoder_outputs`)."""
-        mm_encoder_outputs = self.encode_images(
-            pixel_values, image_sizes, mm_encoder_outputs, vision_feature_layer, vision_feature_select_strategy,
-            patch_scales=patch_scales, patch_positions=patch_positions, tokens_per_image=tokens_per_image,
-            image_grid_hw=image_grid_hw,
-        )
+        layout = dict(zip(PatchLayout.KEYS, (patch_scales, patch_positions, tokens_per_image, image_grid_hw),
+                          strict=True))
+        image_kwargs = {"image_sizes": image_sizes, "vision_feature_layer": vision_feature_layer,
+                        "vision_feature_select_strategy": vision_feature_select_strategy, **layout}
+        mm_encoder_outputs = encode_inputs(mm_encoder_outputs, layout,
+                                           image=(self.get_image_features, pixel_values, image_kwargs))
         return super().forward(input_ids=input_ids, vision_feature_layer=vision_feature_layer,
                                vision_feature_select_strategy=vision_feature_select_strategy,
                                mm_encoder_outputs=mm_encoder_outputs, **kwargs)

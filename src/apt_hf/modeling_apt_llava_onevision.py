@@ -48,7 +48,7 @@ from .anyres import anyres_packed_order
 from .configuration_apt import AptLlavaOnevisionConfig
 from .modeling_apt import AptPreTrainedMixin, expand_to_grid
 from .modeling_apt_siglip import AptSiglipVisionModel
-from .modeling_apt_vlm import placeholder_slots, vlm_layer_groups, vlm_trainable_parts
+from .modeling_apt_vlm import encode_inputs, placeholder_slots, vlm_layer_groups, vlm_trainable_parts
 from .patchify import PatchLayout
 from .processing_apt_llava_onevision import onevision_tiles
 
@@ -214,28 +214,6 @@ class AptLlavaOnevisionModel(AptPreTrainedMixin, LlavaOnevisionModel):
                 placeholder_slots(self, input_ids, inputs_embeds, self.config.video_token_id, video_features,
                                   "video", hint))
 
-    def encode_inputs(
-        self,
-        pixel_values: torch.Tensor | None,
-        pixel_values_videos: torch.Tensor | None,
-        mm_encoder_outputs: dict[str, Any] | None,
-        image_kwargs: dict[str, Any],
-        video_kwargs: dict[str, Any],
-    ) -> dict[str, Any]:
-        """`mm_encoder_outputs` with the images (pixels + layout keys) and videos given as pixels encoded."""
-        outputs = dict(mm_encoder_outputs or {})
-        if pixel_values is None and PatchLayout.from_inputs(image_kwargs) is not None:
-            raise ValueError("pixel_values: the packed layout keys were given without the pixels they describe")
-        encoders = {"image": (self.get_image_features, pixel_values, image_kwargs),
-                    "video": (self.get_video_features, pixel_values_videos, video_kwargs)}
-        for name, (encode, pixels, kwargs) in encoders.items():
-            if pixels is None:
-                continue
-            if outputs.get(name) is not None:
-                raise ValueError(f"pixel_values / mm_encoder_outputs: pass raw pixels or pre-encoded {name}s, not both")
-            outputs[name] = encode(pixels, **kwargs)
-        return outputs
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -261,8 +239,9 @@ class AptLlavaOnevisionModel(AptPreTrainedMixin, LlavaOnevisionModel):
                         "batch_num_images": batch_num_images, "patch_scales": patch_scales,
                         "patch_positions": patch_positions, "tokens_per_image": tokens_per_image,
                         "image_grid_hw": image_grid_hw}
-        mm_encoder_outputs = self.encode_inputs(pixel_values, pixel_values_videos, mm_encoder_outputs, image_kwargs,
-                                                selection)
+        mm_encoder_outputs = encode_inputs(mm_encoder_outputs, image_kwargs,
+                                           image=(self.get_image_features, pixel_values, image_kwargs),
+                                           video=(self.get_video_features, pixel_values_videos, selection))
         return super().forward(input_ids=input_ids, image_sizes=image_sizes, batch_num_images=batch_num_images,
                                vision_aspect_ratio=vision_aspect_ratio, mm_encoder_outputs=mm_encoder_outputs,
                                **selection, **kwargs)

@@ -10,9 +10,12 @@ Part of the remote-code set: imports only torch, transformers and sibling module
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from .patchify import PatchLayout
 
 _APT_LAYERS = r"(?:merge_conv|zero_mlp)\."
 
@@ -63,4 +66,25 @@ def placeholder_slots(model: Any, input_ids: torch.LongTensor | None, inputs_emb
     return slots[..., None].to(inputs_embeds.device)
 
 
-__all__ = ["placeholder_slots", "vlm_layer_groups", "vlm_trainable_parts"]
+def encode_inputs(mm_encoder_outputs: dict[str, Any] | None, layout_inputs: dict[str, Any],
+                  **encoders: tuple[Callable[..., Any], torch.Tensor | None, dict[str, Any]]) -> dict[str, Any]:
+    """`mm_encoder_outputs` with every modality given as pixels encoded (`name=(encode, pixels, kwargs)`, e.g.
+    `image=(self.get_image_features, pixel_values, {...})`): the pre-encoded inputs the stock forward accepts.
+
+    Refused: the packed layout keys without the image pixels they describe, and pixels beside pre-encoded features
+    of the same modality.
+    """
+    outputs = dict(mm_encoder_outputs or {})
+    image_pixels = encoders.get("image", (None, None, None))[1]
+    if image_pixels is None and PatchLayout.from_inputs(layout_inputs) is not None:
+        raise ValueError("pixel_values: the packed layout keys were given without the pixels they describe")
+    for name, (encode, pixels, kwargs) in encoders.items():
+        if pixels is None:
+            continue
+        if outputs.get(name) is not None:
+            raise ValueError(f"pixel_values / mm_encoder_outputs: pass raw pixels or pre-encoded {name}s, not both")
+        outputs[name] = encode(pixels, **kwargs)
+    return outputs
+
+
+__all__ = ["encode_inputs", "placeholder_slots", "vlm_layer_groups", "vlm_trainable_parts"]
