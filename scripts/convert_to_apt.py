@@ -1,4 +1,5 @@
-"""Convert a CLIP, SigLIP, ViT or LLaVA (1.5, NeXT, OneVision) checkpoint to APT: weights, config, processor, code.
+"""Convert a CLIP, SigLIP, ViT, LLaVA (1.5, NeXT, OneVision) or dense (Depth Anything, DPT / UperNet on DINOv2)
+checkpoint to APT: weights, config, processor, code.
 
     python scripts/convert_to_apt.py --model openai/clip-vit-large-patch14-336 --output_dir apt-clip-vit-l-336
     python scripts/convert_to_apt.py --model google/vit-base-patch16-224 --output_dir apt-vit-b16-224 \\
@@ -7,6 +8,7 @@
         --vision_feature_layout packed
     python scripts/convert_to_apt.py --model openai/clip-vit-base-patch16 --output_dir apt-clip-b16 --full_model
     python scripts/convert_to_apt.py --model google/siglip-so400m-patch14-384 --output_dir apt-siglip --full_model
+    python scripts/convert_to_apt.py --model depth-anything/Depth-Anything-V2-Small-hf --output_dir apt-da-v2-small
 
 The model family comes from the checkpoint (apt_hf.families; `apt_hf.convert` does the conversion). A full CLIP or
 SigLIP checkpoint gives its vision tower (AptCLIPVisionModel / AptSiglipVisionModel) by default; with --full_model
@@ -14,10 +16,12 @@ SigLIP checkpoint gives its vision tower (AptCLIPVisionModel / AptSiglipVisionMo
 saved with its tokenizer and APT image processor as a CLIPProcessor / SiglipProcessor, so that
 `pipeline("zero-shot-image-classification", model=output_dir, trust_remote_code=True)` runs it. ViT checkpoints give
 an AptViTForImageClassification when they have a classifier, else an AptViTModel; LLaVA-1.5 / -NeXT / -OneVision
-checkpoints give their family's APT image-text-to-text model with its APT processor (chat template kept). Every
-pretrained weight is kept; APT adds a merge conv and a zero-initialised MLP, so the converted model reproduces the
-stock one wherever nothing is merged. The output folder loads with the Auto classes and `trust_remote_code=True`, or
-directly after `import apt_hf`.
+checkpoints give their family's APT image-text-to-text model with its APT processor (chat template kept). Depth
+Anything and DPT-DINOv2 checkpoints give the whole APT depth model with the APT DPT image processor, so that
+`pipeline("depth-estimation", model=output_dir, trust_remote_code=True)` runs it; UperNet on DINOv2 the APT
+segmentation model. Every pretrained weight is kept; APT adds a merge conv and a zero-initialised MLP, so the
+converted model reproduces the stock one wherever nothing is merged. The output folder loads with the Auto classes
+and `trust_remote_code=True`, or directly after `import apt_hf`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging
 
-from apt_hf.configuration_apt import VISION_FEATURE_LAYOUTS
+from apt_hf.configuration_apt import VISION_FEATURE_LAYOUTS, AptCompositeConfigMixin
 from apt_hf.conversion import apt_class_for, convert_to
 from apt_hf.dtypes import DTYPES
 from apt_hf.families import family_of, is_composite, model_classes, vlm_families
@@ -45,7 +49,8 @@ FULL_MODEL_TYPES = ("clip", "siglip")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
-                        help="hub id or local folder of a CLIP / SigLIP / ViT / LLaVA-1.5 / -NeXT / -OneVision model")
+                        help="hub id or local folder of a CLIP / SigLIP / ViT / LLaVA-1.5 / -NeXT / -OneVision model, "
+                             "or of Depth Anything / DPT / UperNet on a DINOv2 backbone")
     parser.add_argument("--output_dir", required=True, type=Path)
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="write over a folder that already holds files (refused without it)")
@@ -114,9 +119,9 @@ def convert_processor(model: str, converted: Any, revision: str | None) -> Any:
         return family.processor.from_stock_processor(model, vision_feature_layout=config.vision_feature_layout,
                                                      patch_size=int(config.vision_config.patch_size),
                                                      **config.apt_fields)
-    vision = config.vision_config if is_composite(type(config)) else config
+    vision = config.apt_tower_config if isinstance(config, AptCompositeConfigMixin) else config
     fields = {**config.apt_fields, "patch_size": int(vision.patch_size)}
-    image_processor = _image_processor(model, vision, fields, revision)
+    image_processor = _image_processor(model, vision, fields, revision, family.image_processor)
     if is_composite(type(config)):  # zero-shot needs the texts' tokenizer beside the image processor
         try:
             tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
@@ -126,17 +131,25 @@ def convert_processor(model: str, converted: Any, revision: str | None) -> Any:
     return image_processor
 
 
-def _image_processor(model: str, config: Any, fields: dict[str, Any], revision: str | None) -> AptImageProcessorPil:
+def _image_processor(model: str, config: Any, fields: dict[str, Any], revision: str | None,
+                     family_processor: type | None) -> Any:
+    """The checkpoint's image processor as the family's APT one (default: AptImageProcessorPil; depth models: the
+    APT DPT processor, whose post_process_depth_estimation the depth-estimation pipeline calls)."""
     try:
         from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
         stock = AutoImageProcessor.from_pretrained(model, revision=revision)
     except (OSError, ValueError):
         side = int(config.image_size)
+        stats = {"image_mean": config.image_mean, "image_std": config.image_std}
+        if family_processor is not None:  # the family's own resize, to the tower's size
+            print(f"no image processor in {model}: using {family_processor.__name__} at {side} px with the config's "
+                  "mean/std")
+            return family_processor(size={"height": side, "width": side}, **stats, **fields)
         print(f"no image processor in {model}: using resize + crop to {side} with the config's mean/std")
-        return AptImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-                                    image_mean=config.image_mean, image_std=config.image_std, **fields)
-    return AptImageProcessorPil.from_image_processor(stock, **fields)
+        return AptImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}, **stats,
+                                    **fields)
+    return (family_processor or AptImageProcessorPil).from_image_processor(stock, **fields)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

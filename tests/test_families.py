@@ -13,6 +13,7 @@ from transformers import AutoConfig
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 import apt_hf
+from apt_hf.configuration_apt import AptCompositeConfigMixin, AptDenseConfigMixin
 from apt_hf.families import CARD_KINDS, FAMILIES, family_of, is_composite, model_class, model_classes
 from apt_hf.model_card import TEMPLATE_DIR
 from apt_hf.modeling_apt import AptPatchEmbeddings, AptPreTrainedMixin, AptVisionModelMixin
@@ -72,7 +73,8 @@ def test_a_family_has_one_vision_model_with_its_embeddings_and_eager_attention(f
         embeddings = [m for m in vars(__import__(tower.__module__, fromlist=["_"])).values()
                       if isinstance(m, type) and issubclass(m, AptPatchEmbeddings) and m is not AptPatchEmbeddings]
         assert embeddings and all(isinstance(e.has_class_token, bool) for e in embeddings)
-    assert towers or all(is_composite(c.config_class) for c in composites)  # LLaVA: a tower of another family
+    # LLaVA (vision_config), dense models (backbone_config): a tower of another family
+    assert towers or all(issubclass(c.config_class, AptCompositeConfigMixin) for c in composites)
 
 
 @pytest.mark.parametrize("cls", [pytest.param(c, id=c.__name__) for c in model_classes()])
@@ -101,4 +103,8 @@ def test_card_kinds_come_from_the_families_and_conversion_maps_every_stock_class
 def _tiny(cls) -> dict:
     if is_composite(cls.config_class):
         return {"vision_config": {**TINY, "image_size": 32, "patch_size": 8}, "text_config": {**TINY, "vocab_size": 64}}
+    if issubclass(cls.config_class, AptDenseConfigMixin):  # a dense model: stock neck and head on a tiny backbone
+        backbone = {**TINY, "num_hidden_layers": 4, "out_features": ["stage1", "stage2", "stage3", "stage4"],
+                    "image_size": 32, "patch_size": 8}
+        return {"backbone_config": {"model_type": "dinov2", **backbone}, "patch_size": 8}
     return {**TINY, "image_size": 32, "patch_size": 8}

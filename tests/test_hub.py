@@ -47,7 +47,8 @@ TOKEN = "hf_SENTINELtoken0123456789"  # a fake token: must reach the Authorizati
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "push_to_hub.py"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 REMOTE_CODE = {"configuration_apt.py", "modeling_apt.py", "modeling_apt_clip.py", "modeling_apt_llava.py",
-               "packed_attention.py", "patchify.py", "image_processing_apt.py", "processing_apt_llava.py"}
+               "modeling_apt_vlm.py", "packed_attention.py", "patchify.py", "image_processing_apt.py",
+               "processing_apt_llava.py", "processing_apt_vlm.py"}
 VISION_CODE = {"configuration_apt.py", "modeling_apt.py", "packed_attention.py", "patchify.py",
                "image_processing_apt.py"}  # plus the family's own modeling file
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}

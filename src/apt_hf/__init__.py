@@ -10,11 +10,15 @@ from transformers.utils import is_torchvision_available
 from .configuration_apt import (
     AptCLIPConfig,
     AptCLIPVisionConfig,
+    AptDepthAnythingConfig,
+    AptDinov2Config,
+    AptDPTConfig,
     AptLlavaConfig,
     AptLlavaNextConfig,
     AptLlavaOnevisionConfig,
     AptSiglipConfig,
     AptSiglipVisionConfig,
+    AptUperNetConfig,
     AptViTConfig,
 )
 from .conversion import convert
@@ -25,6 +29,12 @@ from .image_processing_apt import AptImageProcessorPil
 from .image_processing_apt_llava_next import AptLlavaNextImageProcessorPil
 from .modeling_apt import AptHubMixin
 from .modeling_apt_clip import AptCLIPModel, AptCLIPVisionModel
+from .modeling_apt_dense import (
+    AptDepthAnythingForDepthEstimation,
+    AptDPTForDepthEstimation,
+    AptUperNetForSemanticSegmentation,
+)
+from .modeling_apt_dinov2 import AptDinov2Backbone, AptDinov2Model
 from .modeling_apt_llava import AptLlavaForConditionalGeneration, AptLlavaModel
 from .modeling_apt_llava_next import AptLlavaNextForConditionalGeneration, AptLlavaNextModel
 from .modeling_apt_llava_onevision import AptLlavaOnevisionForConditionalGeneration, AptLlavaOnevisionModel
@@ -78,6 +88,15 @@ __all__ = [
     "AptViTForImageClassification",
     "AptSiglipVisionModel",
     "AptSiglipModel",
+    "AptDinov2Config",
+    "AptDinov2Model",
+    "AptDinov2Backbone",
+    "AptDepthAnythingConfig",
+    "AptDepthAnythingForDepthEstimation",
+    "AptDPTConfig",
+    "AptDPTForDepthEstimation",
+    "AptUperNetConfig",
+    "AptUperNetForSemanticSegmentation",
     "AptLlavaModel",
     "AptLlavaForConditionalGeneration",
     "AptLlavaProcessor",

@@ -18,16 +18,27 @@ from typing import Any, ClassVar
 from transformers import (
     CLIPConfig,
     CLIPVisionConfig,
+    DepthAnythingConfig,
+    Dinov2Config,
+    DPTConfig,
     LlavaConfig,
     LlavaNextConfig,
     LlavaOnevisionConfig,
     PreTrainedConfig,
     SiglipConfig,
     SiglipVisionConfig,
+    UperNetConfig,
     ViTConfig,
 )
 from transformers.configuration_utils import SubConfigSpec
-from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+)
 
 from .patchify import (
     APT_FIELDS,
@@ -154,6 +165,24 @@ class AptSiglipVisionConfig(AptConfigMixin, SiglipVisionConfig):
     model_type = "apt_siglip_vision_model"
 
 
+class AptDinov2Config(AptConfigMixin, Dinov2Config):
+    """`Dinov2Config` plus the APT fields (num_scales, thresholds, scorer, entropy_bins, image_mean/std); the backbone
+    settings (out_features / out_indices, apply_layernorm, reshape_hidden_states) serve `AptDinov2Backbone`."""
+
+    model_type = "apt_dinov2"
+    # DINOv2's and Depth Anything's image processors normalise with ImageNet's statistics.
+    _default_image_mean: ClassVar[tuple[float, ...]] = tuple(IMAGENET_DEFAULT_MEAN)
+    _default_image_std: ClassVar[tuple[float, ...]] = tuple(IMAGENET_DEFAULT_STD)
+
+    @classmethod
+    def from_stock_config(cls, config: PreTrainedConfig | dict[str, Any], **apt_fields: Any) -> AptDinov2Config:
+        """As `AptConfigMixin.from_stock_config`, keeping the backbone's out_features (saved under that name, not
+        as the `_out_features` field it is stored in)."""
+        settings = config.to_dict() if isinstance(config, PreTrainedConfig) else dict(config)
+        stages = {k: settings[k] for k in ("out_features", "out_indices") if settings.get(k) is not None}
+        return cls(**{**declared_settings(settings, cls), **stages, **apt_fields})
+
+
 # LLaVA-1.5's tower (CLIP ViT-L/14-336) at LLaVA-1.5's APT setting: what a LLaVA config without a tower gets.
 _LLAVA_15_TOWER = {
     **LlavaConfig.sub_configs_defaults["vision_config"].init_kwargs,
@@ -183,7 +212,8 @@ def _apt_tower(vision: Any, apt: dict[str, Any], tower: type[AptConfigMixin], de
 
 
 class AptCompositeConfigMixin:
-    """A composite config (full CLIP or SigLIP, LLaVA) whose `vision_config` is its family's APT tower config.
+    """A composite config (full CLIP or SigLIP, LLaVA) whose `vision_config` is its family's APT tower config (dense
+    models: `backbone_config`, see `tower_attribute`).
 
     The APT fields live once, on `vision_config`; they are also accepted here as keyword arguments and read back as
     properties (`config.num_scales`, ...), so composite and vision configs share the same names. A stock tower (a dict
@@ -191,6 +221,7 @@ class AptCompositeConfigMixin:
     """
 
     tower_config: ClassVar[type[AptConfigMixin]]
+    tower_attribute: ClassVar[str] = "vision_config"  # the sub-config that is the APT tower
     stock_model_type: ClassVar[str]  # the stock composite this config converts (model_type)
     default_tower: ClassVar[dict[str, Any]] = {}  # a tower built from nothing but APT fields
     llava_thresholds: ClassVar[bool] = False  # LLaVA-1.5's default thresholds for a converted tower
@@ -198,19 +229,24 @@ class AptCompositeConfigMixin:
     def __post_init__(self, **kwargs: Any) -> None:
         apt = {k: kwargs.pop(k) for k in APT_SETTINGS if k in kwargs}
         base = kwargs.pop("base_model_name_or_path", None)
-        self.vision_config = _apt_tower(self.vision_config, apt, self.tower_config, self.default_tower,
-                                        self.llava_thresholds)
+        setattr(self, self.tower_attribute, _apt_tower(getattr(self, self.tower_attribute), apt, self.tower_config,
+                                                       self.default_tower, self.llava_thresholds))
         super().__post_init__(**kwargs)
         if base is not None:  # recorded on the tower, where the APT fields live
-            self.vision_config.base_model_name_or_path = base
+            self.apt_tower_config.base_model_name_or_path = base
+
+    @property
+    def apt_tower_config(self) -> AptConfigMixin:
+        """The sub-config that holds the APT fields (`vision_config`, or a dense model's `backbone_config`)."""
+        return getattr(self, self.tower_attribute)
 
     @property
     def apt_fields(self) -> dict[str, Any]:
-        return self.vision_config.apt_fields
+        return self.apt_tower_config.apt_fields
 
     def replace_apt_fields(self, **settings: Any) -> AptCompositeConfigMixin:
         """Set the vision tower's APT fields in place (validated; see `AptConfigMixin.replace_apt_fields`)."""
-        self.vision_config.replace_apt_fields(**settings)
+        self.apt_tower_config.replace_apt_fields(**settings)
         return self
 
     @classmethod
@@ -349,9 +385,86 @@ class AptSiglipConfig(AptCompositeConfigMixin, SiglipConfig):
     }
 
 
+_DINOV2_BACKBONES = ("dinov2", AptDinov2Config.model_type)
+# DINOv2-small (ViT-S/14 at 518 px) with the stages DPT-DINOv2 reads: the towers of dense configs built from nothing.
+_DINOV2_SMALL_STAGES = {"image_size": 518, "hidden_size": 384, "num_attention_heads": 6, "out_indices": [3, 6, 9, 12]}
+
+
+class AptDenseConfigMixin(AptCompositeConfigMixin):
+    """A dense-prediction config (Depth Anything, DPT, UperNet) whose `backbone_config` is an `AptDinov2Config`.
+
+    transformers builds a `backbone_config` dict, or None, through the config registered for its model type, and remote
+    code never registers "apt_dinov2": the APT backbone config is built here, before the stock config sees it. Only
+    DINOv2 backbones are accepted (APT replaces a ViT's patch embedding).
+    """
+
+    tower_attribute = "backbone_config"
+    tower_config = AptDinov2Config
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        backbone = self.backbone_config
+        model_type = backbone.get("model_type") if isinstance(backbone, dict) else getattr(backbone, "model_type", None)
+        if backbone is None:
+            self.backbone_config = AptDinov2Config(**self.default_tower)
+        elif model_type not in _DINOV2_BACKBONES:
+            raise ValueError(f"backbone_config: APT needs a DINOv2 backbone (model_type in {_DINOV2_BACKBONES}), got "
+                             f"model_type={model_type!r}")
+        elif isinstance(backbone, dict) and model_type == AptDinov2Config.model_type:
+            self.backbone_config = AptDinov2Config(**backbone)  # a saved APT backbone, stages and APT fields kept
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_stock_config(cls, config: PreTrainedConfig | dict[str, Any], **apt_fields: Any) -> AptDenseConfigMixin:
+        """As `AptCompositeConfigMixin.from_stock_config`; a stock config without a backbone (DPT on its own ViT) is
+        refused rather than given a default one."""
+        settings = config.to_dict() if isinstance(config, PreTrainedConfig) else dict(config)
+        if settings.get("backbone_config") is None:
+            raise ValueError(f"config: {cls.__name__} converts {settings.get('model_type')!r} models on a DINOv2 "
+                             "backbone (backbone_config); this one has none (e.g. DPT on its own ViT), which APT "
+                             "does not support")
+        return super().from_stock_config(settings, **apt_fields)
+
+
+class AptDepthAnythingConfig(AptDenseConfigMixin, DepthAnythingConfig):
+    """`DepthAnythingConfig` whose `backbone_config` is an `AptDinov2Config` (stages as 3-d states with the CLS row,
+    `reshape_hidden_states=False`, as stock); the neck and head settings are Depth Anything's own."""
+
+    model_type = "apt_depth_anything"
+    stock_model_type = "depth_anything"
+    default_tower = DepthAnythingConfig.sub_configs_defaults["backbone_config"].init_kwargs
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AptDinov2Config, init_kwargs=default_tower)}
+
+
+class AptDPTConfig(AptDenseConfigMixin, DPTConfig):
+    """`DPTConfig` on an `AptDinov2Config` backbone (as facebook/dpt-dinov2-*: `reshape_hidden_states=False`, the
+    neck reads each stage's CLS row); DPT on its own ViT or a hybrid BiT backbone has no APT counterpart."""
+
+    model_type = "apt_dpt"
+    stock_model_type = "dpt"
+    default_tower = {**_DINOV2_SMALL_STAGES, "reshape_hidden_states": False}
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AptDinov2Config, init_kwargs=default_tower)}
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.is_hybrid:
+            raise ValueError("is_hybrid: APT DPT runs on a DINOv2 backbone; hybrid DPT (a BiT backbone) is not "
+                             "supported, expected is_hybrid=False")
+        super().__post_init__(**kwargs)
+
+
+class AptUperNetConfig(AptDenseConfigMixin, UperNetConfig):
+    """`UperNetConfig` on an `AptDinov2Config` backbone: UperNet takes `(B, C, h, w)` maps
+    (`reshape_hidden_states=True`)."""
+
+    model_type = "apt_upernet"
+    stock_model_type = "upernet"
+    default_tower = {**_DINOV2_SMALL_STAGES, "reshape_hidden_states": True}
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AptDinov2Config, init_kwargs=default_tower)}
+
+
 for _field in APT_FIELDS:
-    for _composite in (AptLlavaConfig, AptCLIPConfig, AptSiglipConfig, AptLlavaOnevisionConfig, AptLlavaNextConfig):
-        setattr(_composite, _field, property(lambda self, _f=_field: getattr(self.vision_config, _f)))
+    for _composite in (AptLlavaConfig, AptCLIPConfig, AptSiglipConfig, AptLlavaOnevisionConfig, AptLlavaNextConfig,
+                       AptDepthAnythingConfig, AptDPTConfig, AptUperNetConfig):
+        setattr(_composite, _field, property(lambda self, _f=_field: getattr(self.apt_tower_config, _f)))
 
 AptCLIPVisionConfig.register_for_auto_class()
 AptViTConfig.register_for_auto_class()
@@ -361,6 +474,10 @@ AptCLIPConfig.register_for_auto_class()
 AptSiglipVisionConfig.register_for_auto_class()
 AptSiglipConfig.register_for_auto_class()
 AptLlavaOnevisionConfig.register_for_auto_class()
+AptDinov2Config.register_for_auto_class()
+AptDepthAnythingConfig.register_for_auto_class()
+AptDPTConfig.register_for_auto_class()
+AptUperNetConfig.register_for_auto_class()
 
 __all__ = [
     "AptConfigMixin",
@@ -372,7 +489,12 @@ __all__ = [
     "AptSiglipVisionConfig",
     "AptSiglipConfig",
     "AptLlavaOnevisionConfig",
+    "AptDinov2Config",
+    "AptDepthAnythingConfig",
+    "AptDPTConfig",
+    "AptUperNetConfig",
     "AptCompositeConfigMixin",
+    "AptDenseConfigMixin",
     "APT_FIELDS",
     "APT_SETTINGS",
     "VISION_FEATURE_LAYOUTS",

@@ -205,6 +205,12 @@ def _refuse_unconvertible(model_type: str | None, name: str | None) -> None:
             f"model_or_path: {name or model_type} is SigLIP2's NaFlex variant (variable resolution: a Linear patch "
             "embedding over each image's own `spatial_shapes`, with padding masks), which APT does not support; "
             "fixed-resolution SigLIP2 checkpoints load as SiglipModel and convert (apt_hf.convert / from_siglip)")
+    if model_type == "dinov2_with_registers":
+        raise ValueError(
+            f"model_or_path: {name or model_type} is DINOv2 with register tokens, which APT does not support: each "
+            "image's sequence would carry the register tokens between its CLS and its patches, and APT's packing, "
+            "pooling and grid view assume one class token per image; plain DINOv2 checkpoints (Dinov2Model / "
+            "Dinov2Backbone) convert (apt_hf.convert / from_dinov2)")
     if (model_type or "").startswith("apt_"):
         raise ValueError(f"model_or_path: {name or model_type} is already an APT model")
 

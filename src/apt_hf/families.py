@@ -20,15 +20,26 @@ from transformers import CLIPProcessor, PretrainedConfig, PreTrainedModel, Sigli
 from .configuration_apt import (
     AptCLIPConfig,
     AptCLIPVisionConfig,
+    AptDepthAnythingConfig,
+    AptDinov2Config,
+    AptDPTConfig,
     AptLlavaConfig,
     AptLlavaNextConfig,
     AptLlavaOnevisionConfig,
     AptSiglipConfig,
     AptSiglipVisionConfig,
+    AptUperNetConfig,
     AptViTConfig,
 )
+from .image_processing_apt_dpt import AptDPTImageProcessorPil
 from .image_processing_apt_llava_next import AptLlavaNextImageProcessorPil
 from .modeling_apt_clip import AptCLIPModel, AptCLIPVisionModel
+from .modeling_apt_dense import (
+    AptDepthAnythingForDepthEstimation,
+    AptDPTForDepthEstimation,
+    AptUperNetForSemanticSegmentation,
+)
+from .modeling_apt_dinov2 import AptDinov2Backbone, AptDinov2Model
 from .modeling_apt_llava import AptLlavaForConditionalGeneration, AptLlavaModel
 from .modeling_apt_llava_next import AptLlavaNextForConditionalGeneration, AptLlavaNextModel
 from .modeling_apt_llava_onevision import AptLlavaOnevisionForConditionalGeneration, AptLlavaOnevisionModel
@@ -95,6 +106,27 @@ FAMILIES: tuple[Family, ...] = (
         processor=SiglipProcessor,
         processor_hint="SiglipProcessor(image_processor=AptImageProcessor(...), tokenizer=...).save_pretrained("
                        "model_dir) (scripts/convert_to_apt.py does this)",
+    ),
+    Family(
+        "dinov2", (AptDinov2Config,), (AptDinov2Model, AptDinov2Backbone),
+        {"dinov2": CardKind(_DUAL, "APT-DINOv2", "image-feature-extraction", "apache-2.0", ("dinov2", "vision"),
+                            "Dinov2Model"),
+         "dinov2_backbone": CardKind("apt_dinov2_backbone.md", "APT-DINOv2", "image-feature-extraction", "apache-2.0",
+                                     ("dinov2", "vision", "backbone"), "Dinov2Backbone")},
+    ),
+    Family(  # dense models on an APT DINOv2 backbone; their configs hold it as `backbone_config`
+        "depth", (AptDepthAnythingConfig, AptDPTConfig), (AptDepthAnythingForDepthEstimation, AptDPTForDepthEstimation),
+        {"depth_anything": CardKind("apt_dense.md", "APT-Depth-Anything", "depth-estimation", "apache-2.0",
+                                    ("depth_anything", "depth-estimation"), "DepthAnythingForDepthEstimation"),
+         "dpt": CardKind("apt_dense.md", "APT-DPT", "depth-estimation", "apache-2.0", ("dpt", "depth-estimation"),
+                         "DPTForDepthEstimation")},
+        processor_hint="AptDPTImageProcessorPil.from_image_processor(...).save_pretrained(model_dir)",
+        image_processor=AptDPTImageProcessorPil,
+    ),
+    Family(
+        "upernet", (AptUperNetConfig,), (AptUperNetForSemanticSegmentation,),
+        {"upernet": CardKind("apt_dense.md", "APT-UperNet", "image-segmentation", "apache-2.0",
+                             ("upernet", "image-segmentation"), "UperNetForSemanticSegmentation")},
     ),
     Family(
         "llava", (AptLlavaConfig,), (AptLlavaModel, AptLlavaForConditionalGeneration),

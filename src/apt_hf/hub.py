@@ -357,8 +357,10 @@ def _model_class(model_dir: Path, config: dict[str, Any]) -> type:
 
 
 def _vision_config(config: dict[str, Any], cls: type) -> Any:
-    """Where a saved config holds its APT fields: itself, or its vision tower (composite models)."""
-    return config.get("vision_config") if is_composite(cls.config_class) else config
+    """Where a saved config holds its APT fields: itself, or its APT tower (composite models' `vision_config`, dense
+    models' `backbone_config`)."""
+    tower = getattr(cls.config_class, "tower_attribute", None)
+    return config.get(tower) if tower else config
 
 
 def _apt_processor(cls: type) -> type | None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers.image_processing_backends import PilBackend
-from transformers.image_processing_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_transforms import group_images_by_shape
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.processing_utils import ImagesKwargs
@@ -61,6 +61,7 @@ class AptImageProcessingMixin:
     patch_size = 14
     num_scales = 2
     thresholds = None  # absent: the default for num_scales and scorer (LLaVA-1.5's [5.75] at S=2, entropy)
+    llava_thresholds = True  # the default thresholds are LLaVA-1.5's (False: the paper's ViT ones, [5.5] at S=2)
     scorer = "entropy"
     entropy_bins = 512
 
@@ -74,7 +75,8 @@ class AptImageProcessingMixin:
             self.patch_size = self.patch_size[0]  # (p, p), as model configs may write it
         if self.patch_size is None:
             raise ValueError("patch_size: expected the model's patch size (an int >= 1), got None")
-        thresholds = thresholds_or_default(self.thresholds, self.num_scales, self.scorer, llava=True)
+        thresholds = thresholds_or_default(self.thresholds, self.num_scales, self.scorer,
+                                           llava=self.llava_thresholds)
         self.thresholds = validate_apt_fields(self.num_scales, thresholds, self.scorer, self.entropy_bins,
                                               self.patch_size)
 
@@ -100,10 +102,10 @@ class AptImageProcessingMixin:
         """Build from a CLIP / LLaVA image processor (object, local path or hub id) plus APT fields.
 
         `backend` ("pil" | "torchvision") picks the APT class, as `AutoImageProcessor.from_pretrained(backend=)`
-        does; without it, the class this is called on (called on the mixin: the stock processor's backend).
+        does; without it, the class this is called on (called on a mixin: the stock processor's backend).
         """
         target = None if backend is None else cls.class_for_backend(backend)
-        if target is None and cls is not AptImageProcessingMixin:
+        if target is None and issubclass(cls, BaseImageProcessor):  # a backend's class, not a family's mixin
             target = cls
         if isinstance(processor_or_path, str):
             from transformers.models.auto.image_processing_auto import AutoImageProcessor

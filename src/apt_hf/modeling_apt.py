@@ -349,6 +349,18 @@ class AptPatchEmbeddings(nn.Module):
         images = recover_uint8(pixel_values, config.image_mean, config.image_std)
         return compute_layout(images, p, config.num_scales, config.thresholds, config.scorer, config.entropy_bins)
 
+    def _base_grid_positions(self, rows: int, cols: int) -> torch.Tensor:
+        """(rows * cols, D): the positions of a rows x cols base grid, exactly as the stock model's
+        interpolate_pos_encoding (the table itself on the native grid, else bicubic without antialias); a family whose
+        stock model interpolates otherwise (DINOv2: in float32) overrides it."""
+        patch_table = self._patch_positions()
+        n = self.native_grid()
+        if rows == n and cols == n:
+            return patch_table
+        native = patch_table.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        piece = F.interpolate(native, size=(rows, cols), mode="bicubic", align_corners=False)
+        return piece.permute(0, 2, 3, 1).reshape(rows * cols, -1)
+
     def _token_positions(self, layout: PatchLayout, num_scales_used: int) -> torch.Tensor:
         """(T, D) position of every token: pos_s of its image grid at (row >> s, col >> s)."""
         patch_table = self._patch_positions()
@@ -363,11 +375,8 @@ class AptPatchEmbeddings(nn.Module):
         pieces, offsets, widths, total = [], [], [], 0
         for rows, cols in grids:
             for s in range(num_scales_used):
-                if s == 0 and rows == n and cols == n:
-                    piece = patch_table
-                elif s == 0:  # exactly the stock interpolate_pos_encoding (bicubic, no antialias)
-                    piece = F.interpolate(native, size=(rows, cols), mode="bicubic", align_corners=False)
-                    piece = piece.permute(0, 2, 3, 1).reshape(-1, dim)
+                if s == 0:
+                    piece = self._base_grid_positions(rows, cols)
                 else:
                     piece = _coarse_positions(native, rows, cols, s)
                 pieces.append(piece)
