@@ -106,7 +106,8 @@ def check_imports() -> None:
 
 
 def save_tiny_checkpoints(root: Path) -> dict[str, Path]:
-    """Tiny converted checkpoints, one per card kind, each with its APT processor: {card kind: folder}."""
+    """Tiny converted checkpoints, at least one per model-card template, each with its APT processor:
+    {card kind: folder}. (Every card kind's publish dry run is also tested in the source tree.)"""
     import torch
     from tokenizers import pre_tokenizers
     from transformers import (
@@ -116,6 +117,11 @@ def save_tiny_checkpoints(root: Path) -> dict[str, Path]:
         CLIPTokenizer,
         CLIPVisionConfig,
         CLIPVisionModel,
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Backbone,
+        Dinov2Config,
+        Dinov2Model,
         ViTConfig,
         ViTForImageClassification,
         ViTModel,
@@ -124,13 +130,19 @@ def save_tiny_checkpoints(root: Path) -> dict[str, Path]:
     from apt_hf import (
         AptCLIPModel,
         AptCLIPVisionModel,
+        AptDepthAnythingForDepthEstimation,
+        AptDinov2Backbone,
+        AptDinov2Model,
         AptImageProcessorPil,
         AptLlavaForConditionalGeneration,
+        AptLlavaNextForConditionalGeneration,
+        AptLlavaNextProcessor,
         AptLlavaProcessor,
         AptViTForImageClassification,
         AptViTModel,
     )
-    from apt_hf.testing import build_tiny_llava
+    from apt_hf.image_processing_apt_dpt import AptDPTImageProcessorPil
+    from apt_hf.testing import build_tiny_llava, build_tiny_llava_next
 
     torch.manual_seed(0)
     vision = {**TINY, "image_size": 64, "patch_size": 8}
@@ -143,6 +155,17 @@ def save_tiny_checkpoints(root: Path) -> dict[str, Path]:
     text = {**TINY, "vocab_size": len(tokenizer), "max_position_embeddings": 64, "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     stock_llava, llava_processor = build_tiny_llava()
+    stock_next, next_processor = build_tiny_llava_next()
+    dinov2 = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "mlp_ratio": 2, "image_size": 56,
+              "patch_size": 14}
+    depth = DepthAnythingConfig(backbone_config={"model_type": "dinov2", **dinov2, "out_indices": [1, 2, 3, 4],
+                                                 "reshape_hidden_states": False},
+                                reassemble_hidden_size=32, head_hidden_size=8, neck_hidden_sizes=[8, 16, 32, 32],
+                                fusion_hidden_size=16)
+    dinov2_processor = AptImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                            patch_size=14, **APT)
+    depth_processor = AptDPTImageProcessorPil(size={"height": 56, "width": 56}, keep_aspect_ratio=True,
+                                              ensure_multiple_of=14, patch_size=14, **APT)
 
     checkpoints = {
         "llava": (AptLlavaForConditionalGeneration.from_llava(stock_llava, thresholds=[5.75]),
@@ -154,6 +177,14 @@ def save_tiny_checkpoints(root: Path) -> dict[str, Path]:
         "vit": (AptViTModel.from_vit(ViTModel(ViTConfig(**vision)), **APT), processor),
         "vit_classifier": (AptViTForImageClassification.from_vit(
             ViTForImageClassification(ViTConfig(**vision, num_labels=3)), **APT), processor),
+        "llava_next": (AptLlavaNextForConditionalGeneration.from_llava_next(stock_next, thresholds=[5.75]),
+                       AptLlavaNextProcessor.from_llava_next_processor(next_processor, backend="pil",
+                                                                       thresholds=[5.75])),
+        "dinov2": (AptDinov2Model.from_dinov2(Dinov2Model(Dinov2Config(**dinov2)), **APT), dinov2_processor),
+        "dinov2_backbone": (AptDinov2Backbone.from_dinov2(Dinov2Backbone(Dinov2Config(**dinov2, out_indices=[2, 4])),
+                                                          **APT), dinov2_processor),
+        "depth_anything": (AptDepthAnythingForDepthEstimation.from_depth_anything(
+            DepthAnythingForDepthEstimation(depth), **APT), depth_processor),
     }
     folders = {}
     for kind, (model, model_processor) in checkpoints.items():
@@ -168,8 +199,11 @@ def check_publish(checkpoints: dict[str, Path], out: Path) -> dict[str, Path]:
     from apt_hf.hub import publish
     from apt_hf.model_card import CARD_KINDS
 
-    if set(checkpoints) != set(CARD_KINDS):
-        raise AssertionError(f"checkpoints for {sorted(checkpoints)}, but the card kinds are {sorted(CARD_KINDS)}")
+    templates = {spec.template for spec in CARD_KINDS.values()}
+    covered = {CARD_KINDS[kind].template for kind in checkpoints}
+    if covered != templates:
+        raise AssertionError(f"checkpoints for {sorted(checkpoints)} cover the card templates {sorted(covered)}, not "
+                             f"all of {sorted(templates)}")
     published = {}
     for kind, folder in checkpoints.items():
         repo_id = f"me/apt-{kind.replace('_', '-')}"
