@@ -22,16 +22,11 @@ the same validation batch, in the same run as the stock model, beside the ideal 
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +35,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import ViTConfig, ViTForImageClassification, get_cosine_schedule_with_warmup
+from transformers import ViTConfig, ViTForImageClassification
 
 from apt_hf.flops import vision_flops
 from apt_hf.image_processing_apt import AptImageProcessorPil
@@ -49,7 +44,16 @@ from apt_hf.modeling_apt_vit import AptViTForImageClassification
 from apt_hf.patchify import PatchLayout, select_images, uniform_layout, unpack_base_patches
 from apt_hf.sample_images import load_photos
 
-from .benchmarks.timing import timed
+from .benchmarks.timing import machine
+from .miniature import (
+    TrainingSettings,
+    fit,
+    images_per_second,
+    require_positive,
+    settings_from_args,
+    std,
+    write_results,
+)
 
 # Photographs (and a few photographed textures and scans) in scikit-image's data folder; the synthetic images
 # (chessboard, colour wheel, logo, phantom, ...) and motorcycle_right (a near copy of motorcycle_left) are left out.
@@ -67,7 +71,7 @@ PAPER_ORDERING = ("Paper, Table 7: the zero-initialised MLP (Zero) is the best e
 
 
 @dataclass
-class MiniSettings:
+class MiniSettings(TrainingSettings):
     """Every knob of the experiment (the CLI's flags); the defaults are the README's run."""
 
     image_size: int = 64
@@ -81,30 +85,16 @@ class MiniSettings:
     jitter: float = 0.3
     train_per_class: int = 160
     val_per_class: int = 100
-    hidden_size: int = 96
     layers: int = 6
-    heads: int = 4
     stock_epochs: int = 8
-    finetune_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 1e-3
-    finetune_lr: float = 1e-4
-    weight_decay: float = 0.05
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     base_control: bool = True
     timing_images: int = 256
     repeats: int = 5
-    clock: str = "wall"
-    threads: int | None = None
 
     def validate(self) -> None:
-        for name in ("image_size", "patch_size", "num_scales", "photo_side", "crop_min", "train_per_class",
-                     "val_per_class", "hidden_size", "layers", "heads", "stock_epochs", "batch_size",
-                     "timing_images", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
-        if self.finetune_epochs < 1:
-            raise ValueError(f"finetune_epochs: expected >= 1, got {self.finetune_epochs}")
+        super().validate()
+        require_positive(self, ("image_size", "patch_size", "num_scales", "photo_side", "crop_min", "train_per_class",
+                                "val_per_class"))
         if self.image_size % (self.patch_size << (self.num_scales - 1)):
             raise ValueError(f"image_size: expected a multiple of patch_size * 2**(num_scales - 1) = "
                              f"{self.patch_size << (self.num_scales - 1)} so that every scale can merge, got "
@@ -119,12 +109,6 @@ class MiniSettings:
             raise ValueError(f"val_fraction: expected a fraction in (0, 1), got {self.val_fraction}")
         if not 0 <= self.jitter < 1:
             raise ValueError(f"jitter: expected a colour-jitter strength in [0, 1), got {self.jitter}")
-        if self.hidden_size % self.heads:
-            raise ValueError(f"hidden_size: expected a multiple of heads={self.heads}, got {self.hidden_size}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds: expected one or more distinct seeds, got {self.seeds}")
-        if self.clock not in ("wall", "cpu"):
-            raise ValueError(f"clock: expected 'wall' or 'cpu', got {self.clock!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,34 +143,46 @@ def sample_crops(
     its width, "val": the rest), resampled bilinearly to image_size. Training crops are also flipped and jittered
     (brightness, contrast, saturation). One grid_sample per photo: no loop over crops or pixels.
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
     size = settings.image_size
     images, labels = [], []
     for label, photo in enumerate(photos):
-        _, h, w = photo.shape
-        cut = int(w * (1 - settings.val_fraction))
-        x_lo, x_hi = (0, cut) if split == "train" else (cut, w)
         side = torch.empty(per_class).uniform_(settings.crop_min, settings.crop_max, generator=generator)
-        side = side.clamp(max=min(x_hi - x_lo, h))
-        x0 = x_lo + torch.rand(per_class, generator=generator) * (x_hi - x_lo - side)
-        y0 = torch.rand(per_class, generator=generator) * (h - side)
+        x, y = torch.rand(per_class, generator=generator), torch.rand(per_class, generator=generator)
         flip = torch.ones(per_class)
         if split == "train":
             flip = torch.where(torch.rand(per_class, generator=generator) < 0.5, -1.0, 1.0)
-        theta = torch.zeros(per_class, 2, 3)  # output [-1, 1] -> input normalised coords (align_corners=False)
-        theta[:, 0, 0] = flip * side / w
-        theta[:, 0, 2] = (2 * x0 + side) / w - 1
-        theta[:, 1, 1] = side / h
-        theta[:, 1, 2] = (2 * y0 + side) / h - 1
-        grid = F.affine_grid(theta, [per_class, 3, size, size], align_corners=False)
-        crops = F.grid_sample(photo.float().expand(per_class, -1, -1, -1), grid, mode="bilinear",
-                              padding_mode="border", align_corners=False)
+        crops = square_crops(photo, side, x, y, flip, size, split, settings.val_fraction)
         if split == "train" and settings.jitter > 0:
             crops = _colour_jitter(crops, settings.jitter, generator)
         images.append(crops.round_().clamp_(0, 255).to(torch.uint8))
         labels.append(torch.full((per_class,), label, dtype=torch.long))
     return torch.cat(images), torch.cat(labels)
+
+
+def square_crops(photo: torch.Tensor, side: torch.Tensor, x: torch.Tensor, y: torch.Tensor, flip: torch.Tensor,
+                 size: int, split: str, val_fraction: float) -> torch.Tensor:
+    """Square crops of a uint8 (3, H, W) photo, resampled bilinearly to `size` -> float (n, 3, size, size) in 0..255.
+
+    Crops lie inside the photo's `split` region ("train": the left 1 - val_fraction of its width, "val": the rest), so
+    training and validation never share pixels. `side` is in pixels (clamped to the region), `x` / `y` in [0, 1] of
+    the free range, `flip` -1 mirrors. One grid_sample for all crops: no loop over crops or pixels.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+    n = len(side)
+    _, h, w = photo.shape
+    cut = int(w * (1 - val_fraction))
+    x_lo, x_hi = (0, cut) if split == "train" else (cut, w)
+    side = side.clamp(max=min(x_hi - x_lo, h))
+    x0, y0 = x_lo + x * (x_hi - x_lo - side), y * (h - side)
+    theta = torch.zeros(n, 2, 3)  # output [-1, 1] -> input normalised coords (align_corners=False)
+    theta[:, 0, 0] = flip * side / w
+    theta[:, 0, 2] = (2 * x0 + side) / w - 1
+    theta[:, 1, 1] = side / h
+    theta[:, 1, 2] = (2 * y0 + side) / h - 1
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    return F.grid_sample(photo.float().expand(n, -1, -1, -1), grid, mode="bilinear", padding_mode="border",
+                         align_corners=False)
 
 
 def _colour_jitter(crops: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
@@ -339,26 +335,8 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     batches = [(data, index) for data in epochs
                for index in torch.randperm(len(data), generator=generator).split(settings.batch_size)]
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, len(batches) // 20), len(batches))
-    model.train()
-    losses = []
-    with tqdm(batches, desc=desc, unit="step", leave=False) as bar:
-        for data, index in bar:
-            loss = model(**_batch(model, data, index), labels=data.labels[index]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.3f}")
-    model.eval()
-    return losses
+    return fit(model, ((_batch(model, data, index), data.labels[index]) for data, index in batches), len(batches),
+               lr, settings.weight_decay, desc)
 
 
 @torch.inference_mode()
@@ -379,18 +357,11 @@ def timing_index(data: EncodedSet, count: int) -> torch.Tensor:
     return index[torch.argsort(data.layout.tokens_per_image[index], stable=True)]
 
 
-@torch.inference_mode()
 def measure_speed(models: dict[str, nn.Module], data: EncodedSet, index: torch.Tensor,
                   settings: MiniSettings) -> dict[str, float]:
-    """Images/s of each model on the same crops: best of `repeats` forward passes after a warm-up, interleaved."""
+    """Images/s of each model on the same crops (`images_per_second`)."""
     inputs = {name: _batch(model, data, index) for name, model in models.items()}
-    for name, model in models.items():
-        model(**inputs[name])
-    best = {name: math.inf for name in models}
-    for _ in range(settings.repeats):
-        for name, model in models.items():
-            best[name] = min(best[name], timed(lambda m=model, x=inputs[name]: m(**x), "cpu", settings.clock))
-    return {name: len(index) / seconds for name, seconds in best.items()}
+    return images_per_second(models, inputs, len(index), settings.repeats, settings.clock)
 
 
 def ideal_speedup(config: ViTConfig, data: EncodedSet, index: torch.Tensor) -> float:
@@ -452,20 +423,16 @@ def summarise(per_seed: list[dict[str, Any]], val: EncodedSet, settings: MiniSet
         apt = key in VARIANTS
         top1 = [r["top1"][key] for r in per_seed]
         speed = [r["images_per_second"][key] / r["images_per_second"]["base"] for r in per_seed]
-        row = {"row": key, "name": ROW_NAMES[key], "top1_mean": statistics.fmean(top1), "top1_std": _std(top1),
+        row = {"row": key, "name": ROW_NAMES[key], "top1_mean": statistics.fmean(top1), "top1_std": std(top1),
                "top1": top1, "tokens_kept": kept if apt else 1.0, "speedup_mean": statistics.fmean(speed),
-               "speedup_std": _std(speed), "ideal_speedup": ideal if apt else 1.0,
+               "speedup_std": std(speed), "ideal_speedup": ideal if apt else 1.0,
                "epochs": 0 if key == "base" else settings.finetune_epochs}
         if apt:
             converted = [r["top1_converted"][key] for r in per_seed]
-            row.update(top1_converted_mean=statistics.fmean(converted), top1_converted_std=_std(converted),
+            row.update(top1_converted_mean=statistics.fmean(converted), top1_converted_std=std(converted),
                        top1_converted=converted)
         rows.append(row)
     return rows
-
-
-def _std(values: Sequence[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def ordering_verdict(rows: list[dict[str, Any]]) -> str:
@@ -483,7 +450,7 @@ def ordering_verdict(rows: list[dict[str, Any]]) -> str:
         if mean <= 0:
             behind.append(by[key]["name"])
         ahead = sum(d > 0 for d in diffs)
-        lines.append(f"- Zero − {by[key]['name']}: {mean:+.1f} ± {_std(diffs):.1f} points (Zero ahead on {ahead} of "
+        lines.append(f"- Zero − {by[key]['name']}: {mean:+.1f} ± {std(diffs):.1f} points (Zero ahead on {ahead} of "
                      f"{len(diffs)} seeds)")
     if behind:
         head = f"Ordering NOT reproduced: Zero is not above {', '.join(behind)} after the epoch (mean over seeds)."
@@ -524,8 +491,7 @@ def run(settings: MiniSettings, output_dir: str | Path | None = None) -> dict[st
                 for seed in tqdm(settings.seeds, desc="seeds", unit="seed")]
     rows = summarise(per_seed, val, settings, vit_config(settings, len(photos)))
     wall = time.perf_counter() - start
-    where = (f"{platform.machine()} x{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, load average "
-             f"{os.getloadavg()[0]:.1f}; torch {torch.__version__}, transformers {transformers.__version__}")
+    where = f"{machine('cpu')}; torch {torch.__version__}, transformers {transformers.__version__}"
     results = {"settings": asdict(settings), "classes": [Path(n).stem for n in PHOTO_CLASSES],
                "val_images": len(val), "rows": rows, "per_seed": per_seed, "wall_seconds": wall, "machine": where,
                "ordering": ordering_verdict(rows), "paper": PAPER_ORDERING}
@@ -537,41 +503,12 @@ def run(settings: MiniSettings, output_dir: str | Path | None = None) -> dict[st
         f"{len(val)} validation crops; {wall / 60:.1f} min on {where}; speed: best of {settings.repeats} "
         f"({settings.clock} clock), {min(settings.timing_images, len(val))} crops per batch.",
     ])
-    print(markdown)
-    if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        (out / "results.md").write_text(markdown + "\n")
+    write_results(output_dir, results, markdown)
     return results
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[MiniSettings, str | None]:
-    parser = argparse.ArgumentParser(prog="reproduce_mini.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default=None, help="where results.json and results.md go")
-    defaults = MiniSettings()
-    for f in fields(MiniSettings):
-        value = getattr(defaults, f.name)
-        if isinstance(value, bool):
-            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=value,
-                                metavar="{true,false}")
-        elif isinstance(value, list):
-            parser.add_argument(f"--{f.name}", type=type(value[0]), nargs="+", default=value)
-        elif f.name == "threads":
-            parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all)")
-        elif f.name == "clock":
-            parser.add_argument("--clock", choices=("wall", "cpu"), default=value)
-        else:
-            parser.add_argument(f"--{f.name}", type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
-    output_dir = args.pop("output_dir")
-    settings = MiniSettings(**args)
-    try:
-        settings.validate()
-    except ValueError as err:
-        parser.error(str(err))
-    return settings, output_dir
+    return settings_from_args(MiniSettings, argv, "reproduce_mini.py", __doc__)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

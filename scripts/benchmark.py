@@ -3,6 +3,7 @@
     python scripts/benchmark.py correctness [--help]   # not a timing: every backend against per-image sdpa
     python scripts/benchmark.py processor [--help]
     python scripts/benchmark.py vision [--help]
+    python scripts/benchmark.py dense [--help]
     python scripts/benchmark.py llava [--help]
     python scripts/benchmark.py train [--help]
     python scripts/benchmark.py train_vit [--help]
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/ lives there
 
-SUITES = ("correctness", "processor", "vision", "llava", "train", "train_vit")
+SUITES = ("correctness", "processor", "vision", "dense", "llava", "train", "train_vit")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
