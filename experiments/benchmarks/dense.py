@@ -2,7 +2,8 @@
 speedup.
 
     python scripts/benchmark.py dense                       # Depth-Anything-V2-Small's shape, the 10 photos at 518
-                                                            # and 1036 px, entropy S=2 [5.75] (2 CPU cores: ~15 min)
+                                                            # and 1036 px, entropy S=2 [5.75] (one CPU thread, with
+                                                            # --repeats 2: 30 min; most of it stock at 1036 px)
     python scripts/benchmark.py dense --batch 2 --repeats 2  # a quick look on a CPU (~2 min)
     python scripts/benchmark.py dense --device cuda --dtype bfloat16 --batch 16 --overhead
     python scripts/benchmark.py dense --model depth-anything/Depth-Anything-V2-Small-hf   # a real checkpoint
