@@ -21,13 +21,15 @@ from apt_hf.sample_images import load_photos
 from apt_hf.testing import build_tiny_llava, tiny_vision_config
 from experiments.benchmarks import correctness, gpu_check
 from experiments.benchmarks import llava as llava_bench
+from experiments.benchmarks import processor as processor_bench
 from experiments.benchmarks import train as train_bench
 from experiments.benchmarks import vision as vision_bench
 from experiments.benchmarks.llava import PROMPT, attention_lengths, prefill_kwargs
 from experiments.benchmarks.results import markdown_table, read_json, row, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = {"vision": vision_bench, "llava": llava_bench, "train": train_bench, "correctness": correctness}
+SUITES = {"vision": vision_bench, "llava": llava_bench, "train": train_bench, "correctness": correctness,
+          "processor": processor_bench}
 
 
 def test_padding_free_prefill_gives_the_padded_last_logits_and_runs_no_padding() -> None:
@@ -104,7 +106,7 @@ def test_check_plan_is_accepted_by_every_suite(tmp_path: Path, dry_run: bool) ->
     steps = {s.name: s for s in gpu_check.plan(dry_run, tmp_path, ROOT / "tests", backends)}
     assert list(steps)[:5] == ["correctness", "tests", "vision-sdpa", "vision-apt_varlen", "llava-prefill"]
     assert set(steps) == {"correctness", "tests", "vision-sdpa", "vision-eager", "vision-apt_varlen", "llava-prefill",
-                          "llava-generation", "train"}
+                          "llava-generation", "train", "processor"}
     parsed = {}
     for name, step in steps.items():
         if name == "tests":
@@ -125,6 +127,24 @@ def test_check_plan_is_accepted_by_every_suite(tmp_path: Path, dry_run: bool) ->
         assert parsed["llava-prefill"].preset == "7b" and parsed["llava-prefill"].batch_size == [1, 4, 8]
         assert parsed["llava-prefill"].dtype == torch.bfloat16
         assert parsed["train"].preset == "7b" and parsed["llava-generation"].preset == "7b"
+        assert parsed["processor"].backend == "torchvision"  # device="cuda" preprocessing, stock vs APT
+
+
+def test_processor_suite_covers_both_backends_and_call_shapes() -> None:
+    """By default one run times PIL and, where torchvision imports, torchvision (saying so otherwise), each with one
+    photo per call and all in one call."""
+    from transformers.utils import is_torchvision_available
+
+    args = processor_bench.parse_args(["--clock", "cpu"])
+    assert args.batch_size == [1, 0] and args.threads == 1
+    backends, note = processor_bench.backends_to_run(args)
+    if is_torchvision_available():
+        assert backends == ["pil", "torchvision"] and note is None
+    else:
+        assert backends == ["pil"] and "torchvision does not import here" in note
+    with pytest.raises(SystemExit):
+        processor_bench.parse_args(["--device", "cuda", "--backend", "pil"])
+    assert processor_bench.batched(list(range(5)), 0) == [[0, 1, 2, 3, 4]]
 
 
 def test_correctness_check_finds_a_wrong_backend(monkeypatch) -> None:
@@ -197,6 +217,8 @@ def test_rehearsal_end_to_end(tmp_path: Path) -> None:
         assert any(cells[1] == f"APT {backend}" for cells in rows), backend
     assert any(c.startswith("LLaVA prefill (padding-free)") for c in checks)
     assert any(c.startswith("LLaVA generation") for c in checks)
+    assert {cells[1] for cells in rows if cells[0].startswith("processor, pil on cpu")} == {
+        "CLIPImageProcessorPil", "AptImageProcessorPil"}
     train = {cells[1]: cells for cells in rows if cells[0].startswith("LLaVA training step (apt,projector")}
     assert set(train) == {"[-1.0] padded", "[-1.0] padding-free", "[5.75] padded", "[5.75] padding-free"}
     ideal = {name: float(cells[5].rstrip("x")) for name, cells in train.items()}

@@ -14,7 +14,14 @@ from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil
 from transformers.utils import is_torchvision_available
 
 from apt_hf.image_processing_apt import APT_IMAGE_KEYS, AptImageProcessor, AptImageProcessorPil
-from apt_hf.patchify import PatchLayout, compute_layout, recover_uint8, unpack_base_patches, validate_layout
+from apt_hf.patchify import (
+    PatchLayout,
+    compute_layout,
+    crop_to_patch_grid,
+    recover_uint8,
+    unpack_base_patches,
+    validate_layout,
+)
 from apt_hf.sample_images import load_photos
 
 LLAVA_336 = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
@@ -55,6 +62,7 @@ def processed_images(batch) -> torch.Tensor:
     ("clip", SMALL),
     ("llava", {**LLAVA_336, "do_pad": True}),
     ("llava", {**SMALL, "do_pad": True, "patch_size": 28}),
+    ("clip", {"size": {"shortest_edge": 333}, "crop_size": {"height": 333, "width": 301}}),
 ])
 def test_pixels_equal_transformers_and_reassemble(photos, backend, stock_kind, kwargs):
     apt_cls, clip_cls, llava_cls = BACKENDS[backend]
@@ -63,7 +71,8 @@ def test_pixels_equal_transformers_and_reassemble(photos, backend, stock_kind, k
     stock = (clip_cls if stock_kind == "clip" else llava_cls)(**kwargs)(photos, return_tensors="pt")["pixel_values"]
     batch = apt_cls(patch_size=patch, **kwargs)(photos, return_tensors="pt")
     assert set(batch.keys()) == set(APT_IMAGE_KEYS)
-    assert torch.equal(processed_images(batch), stock)  # bit-identical pixels, packed and unpacked losslessly
+    # bit-identical pixels (on the region the p x p conv sees), packed and unpacked losslessly
+    assert torch.equal(processed_images(batch), crop_to_patch_grid(stock, patch))
     rows, cols = stock.shape[-2] // patch, stock.shape[-1] // patch
     assert batch["image_grid_hw"].tolist() == [[rows, cols]] * len(photos)
     assert batch["pixel_values"].shape == (len(photos) * rows * cols, 3, patch, patch)
@@ -83,6 +92,51 @@ def test_layout_equals_patchify_of_the_8bit_image(photos, backend):
         for key in ("patch_scales", "patch_positions", "tokens_per_image", "image_grid_hw"):
             assert torch.equal(batch[key], getattr(expected, key)), key
         assert (batch["tokens_per_image"] < 24 * 24).all()  # real photos do merge at the paper's thresholds
+
+
+@torchvision_only
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16"])
+@pytest.mark.parametrize("do_convert_rgb", [True, False])
+def test_torchvision_conversion_equals_the_stock_one(photos, mode, do_convert_rgb):
+    """AptImageProcessor keeps a PIL image in its channels-last memory (the stock conversion copies it to
+    channels-first): the same values and dtype, whatever the image mode."""
+    image = photos[1].convert(mode)
+    stock = CLIPImageProcessor().process_image(image, do_convert_rgb=do_convert_rgb)
+    ours = AptImageProcessor().process_image(image, do_convert_rgb=do_convert_rgb)
+    assert ours.dtype == stock.dtype and torch.equal(ours, stock)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {**LLAVA_336, "num_scales": 3, "thresholds": [5.5, 4.0]},
+    {"size": {"shortest_edge": 333}, "crop_size": {"height": 333, "width": 301}, "num_scales": 3,
+     "thresholds": [6.0, 4.5], "entropy_bins": 100},
+    {"size": {"shortest_edge": 190}, "crop_size": {"height": 190, "width": 190}, "patch_size": 8, "num_scales": 4,
+     "thresholds": [7.0, 5.5, 4.0]},
+    {**LLAVA_336, "do_pad": True, "scorer": "laplacian", "thresholds": [0.087]},
+])
+def test_both_backends_score_the_stock_8bit_image(photos, kwargs):
+    """Each backend's layouts equal compute_layout of its stock processor's 8-bit image, and its pixels the stock
+    ones, one photo per call and all in one call (the torchvision backend scores channels-last memory)."""
+    for backend, (apt_cls, clip_cls, llava_cls) in BACKENDS.items():
+        settings = {k: v for k, v in kwargs.items() if k not in ("patch_size", "num_scales", "thresholds", "scorer",
+                                                                 "entropy_bins")}
+        stock = llava_cls(**settings) if settings.get("do_pad") else clip_cls(**settings)
+        apt = apt_cls(**kwargs)
+        eight_bit = stock(photos, do_rescale=False, do_normalize=False)["pixel_values"]
+        p = apt.patch_size
+        eight_bit = torch.stack([crop_to_patch_grid(torch.as_tensor(np.asarray(x)), p) for x in eight_bit])
+        want = compute_layout(eight_bit, p, apt.num_scales, apt.thresholds, apt.scorer, apt.entropy_bins)
+        pixels = crop_to_patch_grid(stock(photos, return_tensors="pt")["pixel_values"], p)
+        first_token = torch.cumsum(want.tokens_per_image, 0) - want.tokens_per_image
+        for first, batch in [(0, photos), *((i, [photos[i]]) for i in range(3))]:
+            got = apt(batch, return_tensors="pt")
+            images = slice(first, first + len(batch))
+            assert torch.equal(processed_images(got), pixels[images]), backend
+            tokens = slice(int(first_token[first]), int(first_token[first] + want.tokens_per_image[images].sum()))
+            for key, value in zip(PatchLayout.KEYS, (want.patch_scales[tokens], want.patch_positions[tokens],
+                                                     want.tokens_per_image[images], want.image_grid_hw[images]),
+                                  strict=True):
+                assert torch.equal(got[key], value), (backend, key)
 
 
 def test_nothing_merged_gives_the_stock_token_grid(photos):

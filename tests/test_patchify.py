@@ -31,7 +31,9 @@ from apt_hf.patchify import (
     _gray_levels,
     compute_layout,
     concat_layouts,
+    crop_to_patch_grid,
     entropy_scores,
+    gather_base_patches,
     laplacian_scores,
     pack_base_patches,
     recover_uint8,
@@ -992,3 +994,104 @@ def test_selecting_images_moves_each_images_tiles_together():
         select_image_inputs(inputs, torch.tensor([0]), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match=r"processor output 'image_sizes': expected one entry per image \(5\)"):
         select_image_inputs(inputs, torch.tensor([0]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fast paths (one-pass gray levels and histogram keys, the one-gather packing) against plain references
+# ----------------------------------------------------------------------------------------------------------
+
+
+def plain_entropy_scores(images: torch.Tensor, p: int, scales: Sequence[int], bins: int) -> dict[int, torch.Tensor]:
+    """The straightforward vectorised scorer: official float32 gray, histc's bin (floor, 255 clamped into the last
+    bin), one bincount per scale over a broadcast key, entropy as -sum xlogy(q, q) / ln 2 over each histogram."""
+    x = images.float()
+    gray = 0.2989 * x[:, 0] + 0.5870 * x[:, 1] + 0.1140 * x[:, 2]
+    level = torch.floor(gray * bins / torch.tensor([255.0])).clamp(max=bins - 1).long()
+    b, h, w = level.shape
+    out = {}
+    for s in scales:
+        side = p << s
+        rows, cols = h // p >> s, w // p >> s
+        cropped = level[:, : rows * side, : cols * side]
+        key = (cropped + torch.arange(b).view(b, 1, 1) * (rows * cols * bins)
+               + (torch.arange(rows * side) // side * (cols * bins)).view(1, -1, 1)
+               + (torch.arange(cols * side) // side * bins).view(1, 1, -1))
+        counts = torch.bincount(key.flatten(), minlength=b * rows * cols * bins).view(b, rows, cols, bins)
+        q = counts.double() / torch.tensor([float(side * side)], dtype=torch.float64)
+        out[s] = -torch.special.xlogy(q, q).sum(-1) / torch.tensor([math.log(2)], dtype=torch.float64)
+    return out
+
+
+def memory_layouts(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same (B, C, H, W) pixels as the processors hold them: contiguous, channels-last (PIL's numpy, the
+    torchvision backend's), and a crop's strided view of a larger image."""
+    b, c, h, w = images.shape
+    frame = torch.zeros((b, c, h + 5, w + 7), dtype=images.dtype)
+    frame[:, :, 2: h + 2, 3: w + 3] = images
+    return {"contiguous": images.contiguous(), "channels_last": images.contiguous(memory_format=torch.channels_last),
+            "crop_view": frame[:, :, 2: h + 2, 3: w + 3]}
+
+
+@pytest.mark.parametrize("size, p, num_scales, bins", [
+    ((336, 336), 14, 2, 512), ((333, 301), 14, 3, 512), ((190, 250), 8, 4, 100), ((97, 61), 6, 3, 2),
+])
+def test_entropy_scores_equal_the_plain_scorer_bitwise(size: tuple[int, int], p: int, num_scales: int, bins: int
+                                                       ) -> None:
+    photos = torch.stack([torch.from_numpy(np.array(photo.resize(size[::-1]))).permute(2, 0, 1) for photo in
+                          load_photos(("astronaut.png", "coffee.png", "hubble_deep_field.jpg")).values()])
+    scales = list(range(1, num_scales))
+    want = plain_entropy_scores(photos, p, scales, bins)
+    for name, images in memory_layouts(photos).items():
+        for batch in (images, images[1:2]):
+            got = entropy_scores(batch, p, scales, bins)
+            for s in scales:
+                expected = want[s] if batch.shape[0] == 3 else want[s][1:2]
+                assert got[s].dtype == torch.float64 and torch.equal(got[s], expected), (name, s)
+
+
+def test_gray_levels_by_tables_equal_the_products_for_every_colour(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table lookups (GPUs, compiled and exported graphs: no multiply a compiler could fuse into an add) and the
+    eager CPU products give the same bin for all 2**24 colours; float input is left unchanged."""
+    rgb = all_colours()
+    products = _gray_levels(rgb, 512)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(_gray_levels(rgb, 512), products)
+    monkeypatch.undo()
+    floats = rgb[:, :, :64].float()
+    assert torch.equal(_gray_levels(floats, 512), products[:, :64]) and torch.equal(floats, rgb[:, :, :64].float())
+
+
+def test_gray_levels_stay_below_the_last_bin_edge() -> None:
+    """8-bit gray is at most 0.9999 * 255: histc's clamp of the value 255 never applies, for any number of bins."""
+    white = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
+    for bins in (2, 3, 100, 255, 256, 511, 512, 4096, 65535, 65536):
+        unclamped = torch.floor(official_gray(white[0]) * bins / torch.tensor([255.0]))
+        assert unclamped.item() < bins and _gray_levels(white, bins).item() == unclamped.item()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("size, p, num_scales, thresholds", [
+    ((28, 20), 4, 3, [1.5, 1.2]), ((30, 23), 4, 2, [1.9]), ((17, 33), 3, 4, [1.5, 1.0, 0.5]),
+])
+def test_pack_equals_the_reference_for_any_memory_layout(dtype: torch.dtype, size: tuple[int, int], p: int,
+                                                         num_scales: int, thresholds: list[float]) -> None:
+    images = make_image(*size, seed=5, levels=3, block=4, batch=3)
+    images = crop_to_patch_grid(images, p)
+    layout = compute_layout(images, p, num_scales, thresholds)
+    assert (layout.patch_scales > 0).any()
+    pixels = images if dtype == torch.uint8 else (images.float() / 255 - 0.5) / 0.25
+    want = ref_pack(pixels, tokens_of(layout), p)
+    for name, view in {**memory_layouts(pixels), "greyscale_expanded": pixels[:, :1].expand(-1, 3, -1, -1)}.items():
+        expected = want if name != "greyscale_expanded" else ref_pack(view.contiguous(), tokens_of(layout), p)
+        got = pack_base_patches(view, layout, p)
+        assert got.is_contiguous() and got.dtype == dtype and torch.equal(got, expected), name
+        assert torch.equal(gather_base_patches(view, layout, p), expected), name  # the view, in the images' order
+
+
+def test_pack_passes_gradients_back_to_each_pixel() -> None:
+    pixels = torch.randn(2, 3, 12, 8, dtype=torch.float64, requires_grad=True)
+    layout = compute_layout(make_image(12, 8, seed=2, levels=2, block=4, batch=2), 4, 2, [1.5])
+    weights = torch.randn(int((4 ** layout.patch_scales).sum()), 3, 4, 4, dtype=torch.float64)
+    (pack_base_patches(pixels, layout, 4) * weights).sum().backward()
+    want = torch.stack(unpack_base_patches(weights, layout))
+    assert torch.equal(pixels.grad, want)

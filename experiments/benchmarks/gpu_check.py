@@ -12,7 +12,9 @@ with too little of it left is reported as skipped, so the whole run ends in time
     that this machine can run (the others are listed with the reason), with peak memory;
   - llava-prefill: LLaVA-1.5-7B's shapes, random weights, bf16: padding-free prefill at batch 1, 4 and 8;
   - train: one training step of that model with `--trainable apt,projector` and AdamW, padded vs padding-free;
-  - llava-generation: `generate` with 16 greedy tokens at batch 1 and 4.
+  - llava-generation: `generate` with 16 greedy tokens at batch 1 and 4;
+  - processor: `device="cuda"` preprocessing, stock vs APT torchvision image processor on the same photos, one photo
+    per call and all in one call (`benchmark.py processor`; the rehearsal times it on the CPU, both backends).
 `--dry-run` runs every step on the CPU with tiny shapes (a rehearsal of the plumbing, not a measurement; its limits
 and budget are DRY_RUN_SLACK times longer). The table
 goes to OUTPUT_DIR/gpu_check.md (default: $OUT when set, else outputs/gpu_check), every step's full output to
@@ -52,6 +54,7 @@ FULL = {  # the measurement on one GPU
                          "--repeats", "2", "--max_new_tokens", "16"],
     "train": ["--preset", "7b", "--dtype", "bfloat16", "--batch_size", "6", "--repeats", "3",
               "--trainable", "apt,projector", "--optimizer", "adamw"],
+    "processor": ["--backend", "torchvision", "--repeats", "5"],
 }
 DRY_RUN = {  # the same steps with tiny shapes on the CPU, bfloat16 where the GPU uses it
     "device": ["--device", "cpu"],
@@ -64,13 +67,14 @@ DRY_RUN = {  # the same steps with tiny shapes on the CPU, bfloat16 where the GP
                          "--repeats", "1", "--max_new_tokens", "2"],
     "train": ["--preset", "tiny", "--dtype", "bfloat16", "--batch_size", "2", "--repeats", "1",
               "--trainable", "apt,projector", "--optimizer", "adamw"],
+    "processor": ["--backend", "all", "--repeats", "1"],
 }
 TIMEOUTS = {"correctness": 90, "tests": 90, "vision": 60, "vision-flex_attention": 100, "llava-prefill": 90,
-            "train": 80, "llava-generation": 80}
+            "train": 80, "llava-generation": 80, "processor": 60}
 # Most telling first: what is cut when the budget runs out is the least needed. Correctness before any timing; the
 # GPU-only kernels (varlen, flash-attention) before the benchmarks that do not need them.
 ORDER = ("correctness", "tests", "vision-sdpa", "vision-apt_varlen", "vision-flash_attention_2", "llava-prefill",
-         "train", "vision-flash_attention_3", "llava-generation", "vision-eager", "vision-flex_attention")
+         "train", "processor", "vision-flash_attention_3", "llava-generation", "vision-eager", "vision-flex_attention")
 
 
 @dataclasses.dataclass
@@ -120,6 +124,7 @@ def plan(dry_run: bool, work: Path, tests_dir: Path, backends: Sequence[str], py
     steps.append(bench("llava-generation", "llava", shapes["llava-generation"], "LLaVA generation",
                        only="LLaVA generation"))  # its prefill rows repeat llava-prefill's
     steps.append(bench("train", "train", shapes["train"], "LLaVA training step (apt,projector, AdamW)"))
+    steps.append(bench("processor", "processor", shapes["processor"], "image processor"))
     rank = {name: i for i, name in enumerate(ORDER)}
     return sorted(steps, key=lambda s: rank.get(s.name, len(ORDER)))
 

@@ -1,15 +1,17 @@
-"""AptImageProcessor against transformers' CLIP image processor on real photographs, one run, same backend.
+"""AptImageProcessor against transformers' CLIP image processor on real photographs: both backends, both call shapes.
 
-    python scripts/benchmark.py processor [--repeats 7] [--size 336] [--crop_size 336] [--do_pad]
-        [--backend pil|torchvision] [--batch_size 1] [--device cpu] [--num_scales 2 --thresholds 5.75]
+    python scripts/benchmark.py processor --clock cpu --threads 1 [--repeats 7] [--size 336] [--crop_size 336]
+        [--do_pad] [--backend all|pil|torchvision] [--batch_size 1 0] [--device cpu]
+        [--num_scales 2 --thresholds 5.75]
 
-Both processors get the same kwargs and the same photos (scikit-image's bundled set, RGB). Each repeat
-processes the photos `--batch_size` per call (1: each on its own, as a dataset map does; 0: all in one
-call, as a collator does), APT and stock interleaved so drift hits both; times are medians over repeats,
-after one warm-up. `--device cuda` preprocesses on the GPU (torchvision backend, as transformers'
-`device=`). The APT steps (scoring + selection on the 8-bit crop, packing it) are also timed alone, to
-show where the overhead goes. Goal: APT adds <= 15%. Timings on a shared machine are noisy: run it on a
-quiet one.
+Both processors of a backend get the same kwargs and the same photos (scikit-image's bundled set, RGB). By default one
+run covers the PIL backend and, where torchvision imports, the torchvision one (it says so otherwise), each in both
+call shapes: one photo per call (`--batch_size 1`, as a dataset map does) and all photos in one call (`0`, as a
+collator does). Every repeat times every (backend, call shape) with stock and APT interleaved, so drift hits both;
+times are medians over repeats, after one warm-up. `--device cuda` preprocesses on the GPU (torchvision backend, as
+transformers' `device=`). The APT steps (scoring, selection, packing, rescale / normalize of the packed patches) are
+also timed alone, per backend, on that backend's own 8-bit crops, to show where APT's cost goes. Goal: APT adds
+<= 15%. Use `--clock cpu` on a shared machine (this process's CPU time).
 """
 
 from __future__ import annotations
@@ -19,16 +21,26 @@ import os
 import platform
 import statistics
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import transformers
 from PIL import Image
 
-from apt_hf.patchify import compute_layout, pack_base_patches, recover_uint8
+from apt_hf.patchify import (
+    crop_to_patch_grid,
+    gather_base_patches,
+    layout_from_cell_scales,
+    score_patches,
+    select_cell_scales,
+)
 from apt_hf.sample_images import PHOTOS, load_photos
 
+from .results import row, write_json
 from .timing import add_clock_arguments, apply_clock_arguments, timed
+
+BACKENDS = ("pil", "torchvision")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -39,9 +51,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--crop_size", type=int, default=336)
     parser.add_argument("--do_pad", action="store_true",
                         help="LLaVA-1.5 pad-to-square (baseline becomes LlavaImageProcessor, which has it)")
-    parser.add_argument("--backend", choices=("pil", "torchvision"), default="pil")
-    parser.add_argument("--batch_size", type=int, default=1,
-                        help="photos per processor call (0: all of them in one call)")
+    parser.add_argument("--backend", choices=("all", *BACKENDS), default="all",
+                        help="all: PIL, and torchvision where it imports")
+    parser.add_argument("--batch_size", type=int, nargs="+", default=[1, 0],
+                        help="photos per processor call, one call shape each (0: all of them in one call)")
     parser.add_argument("--device", default="cpu",
                         help="where the torchvision backend preprocesses (transformers' device=), e.g. cuda")
     parser.add_argument("--patch_size", type=int, default=14)
@@ -49,34 +62,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--thresholds", type=float, nargs="*", default=[5.75])
     parser.add_argument("--scorer", default="entropy")
     parser.add_argument("--entropy_bins", type=int, default=512)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file (for gpu_check)")
     add_clock_arguments(parser, threads=1)  # 1, as in DataLoader workers; the PIL path is single-threaded
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats: expected >= 1, got {args.repeats}")
-    if args.batch_size < 0:
+    if any(b < 0 for b in args.batch_size):
         parser.error(f"--batch_size: expected >= 0 (0: all photos in one call), got {args.batch_size}")
-    if args.device != "cpu" and args.backend != "torchvision":
+    if args.device != "cpu" and args.backend == "pil":
         parser.error(f"--device {args.device}: only the torchvision backend preprocesses off the CPU; "
-                     "add --backend torchvision")
+                     "use --backend torchvision (or all)")
     apply_clock_arguments(parser, args)
     return args
 
 
-def build_processors(args: argparse.Namespace) -> tuple[Any, Any, str, Any]:
-    """(APT, stock, stock name, APT's own base class without APT), all on the requested backend, same kwargs."""
+def backends_to_run(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """The backends this run times, and why one asked for is left out (torchvision not importable; PIL off the CPU)."""
+    wanted = list(BACKENDS) if args.backend == "all" else [args.backend]
+    notes = []
+    if "torchvision" in wanted and not transformers.utils.is_torchvision_available():
+        wanted.remove("torchvision")
+        notes.append("torchvision backend: not timed, torchvision does not import here")
+    if args.device != "cpu" and "pil" in wanted:
+        wanted.remove("pil")
+        notes.append(f"PIL backend: not timed, it preprocesses on the CPU only (--device {args.device})")
+    return wanted, "; ".join(notes) or None
+
+
+def build_processors(args: argparse.Namespace, backend: str) -> tuple[Any, Any, str, Any]:
+    """(APT, stock, stock name, APT's own base class without APT), all on `backend`, same kwargs."""
     from apt_hf.image_processing_apt import AptImageProcessorPil
 
     common = {"size": {"shortest_edge": args.size}, "crop_size": {"height": args.crop_size, "width": args.crop_size}}
     apt_fields = {"patch_size": args.patch_size, "num_scales": args.num_scales, "thresholds": args.thresholds,
                   "scorer": args.scorer, "entropy_bins": args.entropy_bins}
-    if args.backend == "pil":
+    if backend == "pil":
         from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil
 
         apt_cls, base_cls = AptImageProcessorPil, LlavaImageProcessorPil
         stock_cls = LlavaImageProcessorPil if args.do_pad else CLIPImageProcessorPil
     else:
-        if not transformers.utils.is_torchvision_available():
-            raise SystemExit("--backend torchvision: torchvision is not installed; use --backend pil")
         from transformers import CLIPImageProcessor, LlavaImageProcessor
 
         from apt_hf.image_processing_apt import AptImageProcessor
@@ -100,74 +125,124 @@ def batched(items: Sequence[Any], batch_size: int) -> list[list[Any]]:
     return [list(items[i: i + size]) for i in range(0, len(items), size)]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    apt, stock, stock_name, base = build_processors(args)
-    photos = list(load_photos(PHOTOS).values())
-    batches = batched(photos, args.batch_size)
-    device_kwargs = {"device": args.device} if args.backend == "torchvision" else {}
+def call_shape(batch_size: int, count: int) -> str:
+    """The table's name for a call shape (`count`: the photos in all)."""
+    return "1 photo / call" if batch_size == 1 else f"{batch_size or count} photos / call"
 
-    def run(processor: Any) -> Callable[[list[Image.Image]], Any]:
-        return lambda batch: processor(batch, return_tensors="pt", **device_kwargs)
 
-    run_apt, run_stock, run_base = run(apt), run(stock), run(base)
+def apt_steps(args: argparse.Namespace, apt: Any, photos: list[Image.Image], device_kwargs: dict
+              ) -> dict[str, tuple[Callable[[Any], Any], list]]:
+    """The APT steps as the processor runs them, each alone, on the backend's own resized 8-bit crops (its memory
+    layout included): {step: (function of one item, one item per photo)}."""
+    p, scales = args.patch_size, list(range(1, args.num_scales))
+    crops: list[torch.Tensor] = []
+    score_and_pack = apt._score_and_pack
 
-    # The APT-only share, as the processor runs it: score + select on the 8-bit crop, then pack it (the processor
-    # normalizes the packed patches, as the stock one normalizes the image).
-    processed = [run_stock([photo])["pixel_values"] for photo in photos]
-    uint8 = [recover_uint8(pixels, stock.image_mean, stock.image_std, stock.rescale_factor) for pixels in processed]
-    layouts = [compute_layout(u, args.patch_size, args.num_scales, args.thresholds, args.scorer, args.entropy_bins)
-               for u in uint8]
-    steps: dict[str, tuple[Callable[[Any], Any], list]] = {
-        "score + select": (lambda u: compute_layout(u[0], args.patch_size, args.num_scales, args.thresholds,
-                                                    args.scorer, args.entropy_bins), batched(uint8, 1)),
-        "pack": (lambda item: pack_base_patches(item[0][0], item[0][1], args.patch_size),
-                 batched(list(zip(uint8, layouts, strict=True)), 1)),
+    def capture(resized: list[torch.Tensor], *rest: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        crops.extend(crop_to_patch_grid(image, p)[None] for image in resized)
+        return score_and_pack(resized, *rest, **kwargs)
+
+    apt._score_and_pack = capture  # this instance only, for one pass: what the processor scores and packs
+    try:
+        for photo in photos:
+            apt([photo], return_tensors="pt", **device_kwargs)
+    finally:
+        del apt._score_and_pack
+    scores = [score_patches(c, p, scales, args.scorer, args.entropy_bins) for c in crops]
+    grid = [(c.shape[-2] // p, c.shape[-1] // p) for c in crops]
+    layouts = [layout_from_cell_scales(select_cell_scales(s, args.thresholds, g)) for s, g in zip(scores, grid,
+                                                                                                  strict=True)]
+    cells = [gather_base_patches(c, lay, p) for c, lay in zip(crops, layouts, strict=True)]
+    return {
+        "score": (lambda c: score_patches(c, p, scales, args.scorer, args.entropy_bins), crops),
+        "select (layout)": (lambda sg: layout_from_cell_scales(select_cell_scales(sg[0], args.thresholds, sg[1])),
+                            list(zip(scores, grid, strict=True))),
+        "pack": (lambda cl: gather_base_patches(cl[0], cl[1], p), list(zip(crops, layouts, strict=True))),
+        "rescale / normalize (packed)": (lambda c: apt._rescale_and_normalize(
+            c, apt.do_rescale, apt.rescale_factor, apt.do_normalize, apt.image_mean, apt.image_std), cells),
     }
 
-    for batch in batches:  # warm-up: first-call allocations, lazy imports
-        run_apt(batch)
-        run_stock(batch)
-    apt_times, stock_times, base_times = [], [], []
-    step_times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        stock_times.append(time_per_image(run_stock, batches, args.clock, args.device))
-        apt_times.append(time_per_image(run_apt, batches, args.clock, args.device))
-        base_times.append(time_per_image(run_base, batches, args.clock, args.device))
-        for name, (fn, items) in steps.items():
-            step_times[name].append(time_per_image(fn, items, args.clock, args.device))
-    stock_ms, apt_ms = 1e3 * statistics.median(stock_times), 1e3 * statistics.median(apt_times)
-    step_ms = {name: 1e3 * statistics.median(times) for name, times in step_times.items()}
-    base_ms = 1e3 * statistics.median(base_times)
 
-    outputs = [run_apt([photo]) for photo in photos]
-    kept = [int(o["tokens_per_image"][0]) for o in outputs]
-    uniform = [int(o["image_grid_hw"][0].prod()) for o in outputs]
-    names = [name.rsplit(".", 1)[0] for name in PHOTOS]
-    overhead = apt_ms / stock_ms - 1
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    backends, note = backends_to_run(args)
+    if not backends:  # e.g. --device cuda where torchvision does not import: a row saying so, not a failure
+        print(f"Nothing to time: {note}.")
+        write_json(args.json, [row(f"processor on {args.device}", "APT", f"not run: {note}")], suite="processor")
+        return
+    photos = list(load_photos(PHOTOS).values())
+    device_kwargs = {"device": args.device} if args.device != "cpu" else {}
+    runs: dict[tuple[str, int, str], Callable[[list[Image.Image]], Any]] = {}  # (backend, batch size, which)
+    names, steps, kept = {}, {}, {}
+    for backend in backends:
+        apt, stock, stock_name, base = build_processors(args, backend)
+        names[backend] = stock_name, type(apt).__name__, type(base).__name__
+        kwargs = device_kwargs if backend == "torchvision" else {}
+        for which, processor in (("stock", stock), ("apt", apt), ("base", base)):
+            for batch_size in args.batch_size:
+                runs[backend, batch_size, which] = partial(processor, return_tensors="pt", **kwargs)
+        steps[backend] = apt_steps(args, apt, photos, kwargs)
+        outputs = [apt([photo], return_tensors="pt", **kwargs) for photo in photos]
+        kept[backend] = [(int(o["tokens_per_image"][0]), int(o["image_grid_hw"][0].prod())) for o in outputs]
+    batches = {b: batched(photos, b) for b in args.batch_size}
 
-    print(f"## AptImageProcessor vs {stock_name} ({args.backend} backend)\n")
-    print(f"{len(photos)} photos, {args.batch_size or len(photos)} per call on {args.device}, size {args.size} / crop "
-          f"{args.crop_size}, do_pad={args.do_pad}, "
+    for (_, batch_size, _), run in runs.items():  # warm-up: first-call allocations, lazy imports
+        for batch in batches[batch_size]:
+            run(batch)
+    times: dict[Any, list[float]] = {key: [] for key in runs}
+    step_times: dict[tuple[str, str], list[float]] = {(b, name): [] for b in steps for name in steps[b]}
+    for _ in range(args.repeats):  # every setting once per round, stock and APT side by side
+        for key, run in runs.items():
+            times[key].append(time_per_image(run, batches[key[1]], args.clock, args.device))
+        for backend, named in steps.items():
+            for name, (fn, items) in named.items():
+                step_times[backend, name].append(time_per_image(lambda one, fn=fn: fn(one[0]), batched(items, 1),
+                                                                args.clock, args.device))
+    ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
+    step_ms = {key: 1e3 * statistics.median(t) for key, t in step_times.items()}
+
+    print("## AptImageProcessor vs the stock CLIP image processor, per backend\n")
+    print(f"{len(photos)} photos on {args.device}, size {args.size} / crop {args.crop_size}, do_pad={args.do_pad}, "
           f"{args.scorer} S={args.num_scales} {args.thresholds}, p={args.patch_size}; median of {args.repeats} "
-          f"({args.clock} clock) "
-          f"repeats; torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"repeats ({args.clock} clock); torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}, {platform.machine()} x{os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}\n")
-    print("| processor | ms / image | vs stock |")
-    print("| --- | ---: | ---: |")
-    print(f"| {stock_name} | {stock_ms:.2f} | 1.00x |")
-    print(f"| AptImageProcessor | {apt_ms:.2f} | {apt_ms / stock_ms:.2f}x ({100 * overhead:+.1f}%) |")
-    if type(base).__name__ != stock_name:
-        print(f"| {type(base).__name__} (APT's base, no APT) | {base_ms:.2f} | {base_ms / stock_ms:.2f}x |")
-    for name, ms in step_ms.items():
-        print(f"| APT step alone: {name} | {ms:.3f} | {100 * ms / stock_ms:.1f}% of stock |")
-    print(f"\nGoal: APT adds <= 15%: {'met' if overhead <= 0.15 else 'NOT met'} ({100 * overhead:+.1f}%).\n")
-    print("| photo | tokens kept | uniform | kept |")
+    if note:
+        print(f"Note: {note}.\n")
+    print("| backend | call shape | stock | ms / photo | APT | ms / photo | APT / stock | APT adds ms / photo | "
+          "APT's base (no APT) / stock | goal <= 1.15x |")
+    print("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
+    met, rows = True, []
+    for backend in backends:
+        stock_name, apt_name, base_name = names[backend]
+        tokens = statistics.mean(k for k, _ in kept[backend])
+        for batch_size in args.batch_size:
+            stock_ms, apt_ms = ms[backend, batch_size, "stock"], ms[backend, batch_size, "apt"]
+            ratio = apt_ms / stock_ms
+            met &= ratio <= 1.15
+            check = f"processor, {backend} on {args.device}, {call_shape(batch_size, len(photos))}"
+            rows += [row(check, stock_name, f"{stock_ms:.2f} ms / photo", tokens=kept[backend][0][1], speedup=1.0),
+                     row(check, apt_name, f"{apt_ms:.2f} ms / photo ({apt_ms - stock_ms:+.2f})", tokens=tokens,
+                         speedup=stock_ms / apt_ms)]
+            print(f"| {backend} | {call_shape(batch_size, len(photos))} | {stock_name} | {stock_ms:.2f} | {apt_name} | "
+                  f"{apt_ms:.2f} | {ratio:.2f}x | {apt_ms - stock_ms:+.2f} | "
+                  f"{ms[backend, batch_size, 'base'] / stock_ms:.2f}x ({base_name}) | "
+                  f"{'met' if ratio <= 1.15 else 'NOT met'} |")
+    print(f"\nGoal, every row: APT costs <= 1.15x its stock processor: {'met' if met else 'NOT met'}.\n")
+    write_json(args.json, rows, suite="processor")
+    print("APT's steps alone, ms / photo (one photo at a time, on each backend's own 8-bit crop):\n")
+    print("| step | " + " | ".join(backends) + " |")
+    print("| --- |" + " ---: |" * len(backends))
+    for name in steps[backends[0]]:
+        print(f"| {name} | " + " | ".join(f"{step_ms[b, name]:.3f}" for b in backends) + " |")
+    print("| **sum** | " + " | ".join(f"{sum(step_ms[b, n] for n in steps[b]):.3f}" for b in backends) + " |")
+    print("\n| photo | tokens kept | uniform | kept |")
     print("| --- | ---: | ---: | ---: |")
-    for name, k, u in zip(names, kept, uniform, strict=True):
+    layout_of = kept[backends[0]]
+    for name, (k, u) in zip([n.rsplit(".", 1)[0] for n in PHOTOS], layout_of, strict=True):
         print(f"| {name} | {k} | {u} | {100 * k / u:.1f}% |")
-    print(f"| **all** | {sum(kept)} | {sum(uniform)} | {100 * sum(kept) / sum(uniform):.1f}% |")
+    total_kept, total = sum(k for k, _ in layout_of), sum(u for _, u in layout_of)
+    print(f"| **all** | {total_kept} | {total} | {100 * total_kept / total:.1f}% |")
 
 
 if __name__ == "__main__":

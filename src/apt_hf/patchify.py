@@ -271,12 +271,25 @@ def _gray_levels(images: torch.Tensor, bins: int) -> torch.Tensor:
     That pipeline scores `to_tensor(img) * 255` with `torch.histc(gray, bins, min=0, max=255)` per patch; histc
     puts a float32 value g in bin floor(g * bins / 255) computed in float32 (255 itself in the last bin). Every
     one of the 3.7M float32 gray values of 8-bit RGB lands in the same bin as histc puts it (tests check it).
+    Returns (B, H, W) int32.
     """
-    tables = _gray_tables(str(images.device))
-    index = images.to(torch.int32).transpose(0, 1).flatten(1)  # (3, pixels); index_select: a fast 1-D gather
-    gray = tables[0].index_select(0, index[0]) + tables[1].index_select(0, index[1])
-    gray += tables[2].index_select(0, index[2])
-    level = true_divide(gray.mul_(bins), 255, inplace=True).floor_().clamp_(max=bins - 1).to(torch.int32)
+    # One pass from any memory layout (channels-last from PIL, a crop's strided view) to contiguous planes.
+    planes = images.transpose(0, 1)
+    if images.device.type == "cpu" and not (is_exporting() or torch.compiler.is_compiling()):
+        # Eager CPU ops are one IEEE float32 operation each, so the official products and sums themselves are exact
+        # (and cheaper than three table lookups): the processor's path.
+        x = planes.to(torch.float32, memory_format=torch.contiguous_format, copy=True).view(3, -1)  # ours to scale
+        gray = x[0].mul_(_GRAY_WEIGHTS[0])
+        gray += x[1].mul_(_GRAY_WEIGHTS[1])
+        gray += x[2].mul_(_GRAY_WEIGHTS[2])
+    else:
+        tables = _gray_tables(str(images.device))
+        index = planes.to(torch.int32, memory_format=torch.contiguous_format).view(3, -1)  # index_select: a fast gather
+        gray = tables[0].index_select(0, index[0]) + tables[1].index_select(0, index[1])
+        gray += tables[2].index_select(0, index[2])
+    # 8-bit gray is at most 0.9999 * 255 < 255, so g * bins / 255 < bins: histc's special case (255 in the last bin)
+    # never applies, and truncation (of values >= 0) is the floor.
+    level = true_divide(gray.mul_(bins), 255, inplace=True).to(torch.int32)
     return level.view(images.shape[0], *images.shape[2:])
 
 
@@ -301,13 +314,12 @@ def entropy_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int],
         return {s: images.new_zeros((b, _full_grid(h // patch_size, 1 << s), _full_grid(w // patch_size, 1 << s)),
                                     dtype=torch.float64) for s in scales}
     level = _gray_levels(images[:, :, : rows * cell, : cols * cell], bins)
-    # One bincount over (image, patch row, patch col, level); the key is built by broadcasting.
+    # One bincount over (image, patch row, patch col, level): the key adds each pixel's histogram offset to its level.
     key_dtype = torch.int32 if b * rows * cols * bins < 2**31 else torch.int64
-    ar = partial(torch.arange, dtype=key_dtype, device=images.device)
-    key = (level.to(key_dtype)
-           + (ar(b) * (rows * cols * bins)).view(b, 1, 1)
-           + (ar(rows * cell) // cell * (cols * bins)).view(1, -1, 1)
-           + (ar(cols * cell) // cell * bins).view(1, 1, -1))
+    key = level.to(key_dtype)
+    key += _histogram_offsets(rows, cols, cell, bins, key_dtype, str(images.device))
+    if b > 1:
+        key += (torch.arange(b, dtype=key_dtype, device=images.device) * (rows * cols * bins)).view(b, 1, 1)
     counts = torch.bincount(key.flatten(), minlength=b * rows * cols * bins)
     counts = counts.view(b, rows, cols, bins)
     out = {}
@@ -319,6 +331,16 @@ def entropy_scores(images: torch.Tensor, patch_size: int, scales: Sequence[int],
             plogp = _plogp_table((patch_size << s) ** 2, str(images.device))
             out[s] = true_divide(-plogp.index_select(0, counts.flatten()).view(counts.shape).sum(-1), math.log(2))
     return out
+
+
+@lru_cache(maxsize=8)
+def _histogram_offsets(rows: int, cols: int, cell: int, bins: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """(rows * cell, cols * cell): the first bincount key of each pixel's patch histogram (patch index * bins).
+
+    The same for every batch of a size, so built once: scoring then adds it to the levels in one pass.
+    """
+    ar = partial(torch.arange, dtype=dtype, device=device)
+    return (ar(rows * cell) // cell * (cols * bins)).view(-1, 1) + (ar(cols * cell) // cell * bins).view(1, -1)
 
 
 @lru_cache(maxsize=16)
@@ -490,12 +512,38 @@ def crop_to_patch_grid(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def pack_base_patches(images: torch.Tensor, layout: PatchLayout, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) same-size images -> (sum of base cells, C, p, p) base patches in token order."""
+    """(B, C, H, W) same-size images -> (sum of base cells, C, p, p) base patches in token order, contiguous."""
+    return gather_base_patches(images, layout, patch_size).contiguous()
+
+
+def gather_base_patches(images: torch.Tensor, layout: PatchLayout, patch_size: int) -> torch.Tensor:
+    """`pack_base_patches` as one gather, left in the images' memory order: a (N, C, p, p) view, channels-last where
+    the images are (PIL's numpy, the torchvision processor's), so that a caller converting it anyway (to float, to
+    normalize) reorders it in that same pass.
+
+    Every base patch is p rows of p pixels: of p * C interleaved values in channels-last memory, of p values per
+    channel otherwise. An overlapping view whose row k starts at element k lets index_select read each row where it
+    lies (in a crop's view too), with no copy of the image in patch order.
+    """
     b, ch, h, w = images.shape
     p = patch_size
-    # unflatten splits dims as views whatever the strides (e.g. channels-last numpy from PIL): one copy here.
-    cells = images.unflatten(3, (w // p, p)).unflatten(2, (h // p, p)).permute(0, 2, 4, 1, 3, 5)
-    return cells.reshape(-1, ch * p * p).index_select(0, base_patch_index(layout)[0]).view(-1, ch, p, p)
+    channels_last = ch > 1 and images.stride(1) == 1 and images.stride(3) == ch
+    if not channels_last and images.stride(-1) != 1:  # rows of p pixels must be contiguous to gather
+        images = images.contiguous()
+    rows, cols = h // p, w // p
+    sb, sc, sh, sw = images.stride()
+    cell = base_patch_index(layout)[0]
+    image, rest = cell.div(rows * cols, rounding_mode="floor"), cell.remainder(rows * cols)
+    start = image * sb + rest.div(cols, rounding_mode="floor") * (p * sh) + rest.remainder(cols) * (p * sw)
+    device = images.device
+    last = (b - 1) * sb + (h - 1) * sh + (w - p) * sw  # where the image's last row of pixels starts (channel 0)
+    if channels_last:
+        starts = start.view(-1, 1) + torch.arange(p, device=device) * sh  # (N, p) rows of p * C values
+        row_view = images.as_strided((last + 1, p * ch), (1, 1))
+        return row_view.index_select(0, starts.flatten()).view(-1, p, p, ch).permute(0, 3, 1, 2)
+    within = (torch.arange(ch, device=device) * sc).view(ch, 1) + torch.arange(p, device=device) * sh  # (C, p)
+    row_view = images.as_strided((last + (ch - 1) * sc + 1, p), (1, 1))
+    return row_view.index_select(0, (start.view(-1, 1, 1) + within).flatten()).view(-1, ch, p, p)
 
 
 def unpack_base_patches(pixel_values: torch.Tensor, layout: PatchLayout) -> list[torch.Tensor]:
