@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from exactness import assert_same_weights
@@ -287,6 +288,7 @@ REMOTE = textwrap.dedent("""
     sys.modules["apt_hf"] = None  # apt_hf cannot be imported: only the folders' own code
     import torch
     from PIL import Image
+    import numpy as np
     from transformers import (AutoImageProcessor, AutoModelForDepthEstimation, AutoModelForSemanticSegmentation,
                               pipeline)
 
@@ -305,8 +307,11 @@ REMOTE = textwrap.dedent("""
     model = AutoModelForSemanticSegmentation.from_pretrained(segmentation_dir, trust_remote_code=True).eval()
     processor = AutoImageProcessor.from_pretrained(segmentation_dir, trust_remote_code=True)
     with torch.no_grad():
-        results["upernet"] = {"classes": [type(model).__module__ + "." + type(model).__name__],
-                              "model": model(**processor(images, return_tensors="pt")).logits}
+        logits = model(**processor(images, return_tensors="pt")).logits
+    segmenter = pipeline("image-segmentation", model=segmentation_dir, trust_remote_code=True)
+    segments = [{r["label"]: torch.from_numpy(np.array(r["mask"])) for r in segmenter(image)} for image in images]
+    results["upernet"] = {"classes": [type(model).__module__ + "." + type(model).__name__, type(processor).__name__],
+                          "model": logits, "pipeline": segments}
     torch.save(results, out)
 """)
 
@@ -324,10 +329,9 @@ def test_converted_folders_run_as_remote_code_and_pipeline_where_apt_hf_is_absen
         processors[name].save_pretrained(tmp_path / name)
         folders[name] = load_script().main(["--model", str(tmp_path / name), "--output_dir",
                                             str(tmp_path / f"apt_{name}"), "--thresholds", "-1"])
-    for name, processor in (("depth_anything", "AptDPTImageProcessor"), ("dpt", "AptDPTImageProcessor"),
-                            ("upernet", "AptImageProcessor")):  # saved under the backend-neutral name
+    for name in ("depth_anything", "dpt", "upernet"):  # saved under the backend-neutral name
         processor_config = json.loads((folders[name] / "preprocessor_config.json").read_text())
-        assert processor_config["image_processor_type"] == processor
+        assert processor_config["image_processor_type"] == "AptDPTImageProcessor"
     saved = json.loads((folders["depth_anything"] / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForDepthEstimation"] == \
         "modeling_apt_dense.AptDepthAnythingForDepthEstimation"
@@ -349,12 +353,20 @@ def test_converted_folders_run_as_remote_code_and_pipeline_where_apt_hf_is_absen
                             "logits" if name == "upernet" else "predicted_depth")[0] for photo in photos]
         for got, expected in zip(remote[name]["model"], want, strict=True):
             torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+        assert classes[1].startswith("AptDPTImageProcessor")  # keeps the post-processing the pipelines call
         if name != "upernet":
-            assert classes[1].startswith("AptDPTImageProcessor")  # keeps post_process_depth_estimation
             stock_pipeline = pipeline("depth-estimation", model=str(tmp_path / name))
             for got, expected in zip(remote[name]["pipeline"], stock_pipeline(photos), strict=True):
                 assert got.shape == expected["predicted_depth"].shape == expected["depth"].size[::-1]
                 torch.testing.assert_close(got, expected["predicted_depth"], atol=ATOL, rtol=0)
+    # the image-segmentation pipeline: the stock one on the stock folder (UperNet's own Segformer processor) gives
+    # the same classes and masks; a pixel may flip only where two classes' upsampled logits tie within fp32 noise
+    stock_segmenter = pipeline("image-segmentation", model=str(tmp_path / "upernet"))
+    for got, photo in zip(remote["upernet"]["pipeline"], photos, strict=True):
+        expected = {r["label"]: torch.from_numpy(np.array(r["mask"])) for r in stock_segmenter(photo)}
+        assert set(got) == set(expected)
+        agree = sum(int((got[label] == expected[label]).sum()) for label in got)
+        assert agree >= 0.9999 * len(got) * photo.width * photo.height
 
 
 def test_push_to_hub_dry_run_gives_a_depth_card_and_the_code(tmp_path):

@@ -127,6 +127,10 @@ FAMILIES: tuple[Family, ...] = (
         "upernet", (AptUperNetConfig,), (AptUperNetForSemanticSegmentation,),
         {"upernet": CardKind("apt_dense.md", "APT-UperNet", "image-segmentation", "apache-2.0",
                              ("upernet", "image-segmentation"), "UperNetForSemanticSegmentation")},
+        # the DPT processor's plain resize (keep_aspect_ratio=False) and its post_process_semantic_segmentation,
+        # which the image-segmentation pipeline calls
+        processor_hint="AptDPTImageProcessorPil.from_image_processor(...).save_pretrained(model_dir)",
+        image_processor=AptDPTImageProcessorPil,
     ),
     Family(
         "llava", (AptLlavaConfig,), (AptLlavaModel, AptLlavaForConditionalGeneration),

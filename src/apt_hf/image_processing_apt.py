@@ -13,11 +13,11 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_transforms import convert_to_rgb, group_images_by_shape
+from transformers.image_utils import ImageType, get_image_type
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import is_torchvision_available, logging
@@ -346,7 +346,7 @@ if is_torchvision_available():
             """The stock conversion, except that a PIL image on the CPU stays in PIL's channels-last memory (a
             channels-first view): the stock processor copies it to channels-first, the costliest step of its
             preprocessing on one core, and the resize that follows computes the same pixels, bit for bit, faster."""
-            if not isinstance(image, PIL.Image.Image) or torch.device(device or "cpu").type != "cpu":
+            if get_image_type(image) != ImageType.PIL or torch.device(device or "cpu").type != "cpu":
                 return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format,
                                              device=device, **kwargs)
             array = convert_to_rgb(image, return_numpy=True) if do_convert_rgb else np.array(image)

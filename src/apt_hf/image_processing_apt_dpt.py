@@ -1,11 +1,14 @@
-"""APT image processors for DPT / Depth Anything: transformers' DPT resize, then APT scoring, selection and packing.
+"""APT image processors for DPT / Depth Anything and UperNet: transformers' DPT resize, then APT scoring, selection
+and packing.
 
 Transformers' DPT image processor resizes each image on its own (Depth Anything: to about 518 px keeping the aspect
 ratio, each side a multiple of 14), so the images of a batch differ in size; APT packs each at its own grid. The
 pixels are the stock processor's, bit for bit, on the region the model's p x p convolution sees: its own
 `_preprocess` resizes (8-bit, not rescaled), then the backend's own rescale / normalize runs on the packed patches.
 `post_process_depth_estimation` (what the depth-estimation pipeline calls with each input image's size) and
-`post_process_semantic_segmentation` are the stock processor's.
+`post_process_semantic_segmentation` (what the image-segmentation pipeline calls) are the stock processor's; UperNet
+folders save this processor for the latter (with `keep_aspect_ratio=False` it is a plain resize to `size`, as
+UperNet's own Segformer processor).
 
 Output: `pixel_values` (every base patch of every image, token order) and the layout keys (`patch_scales`,
 `patch_positions`, `tokens_per_image`, `image_grid_hw`), as `AptImageProcessor`'s.
